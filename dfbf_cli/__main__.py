@@ -1,0 +1,3 @@
+from dfbf_cli.cli import main
+
+main()

@@ -1,0 +1,113 @@
+"""The one interface every engine stage uses to talk to a model, whatever its task.
+
+An adapter wraps a loaded ``nn.Module`` and knows the few things that differ between model
+families: how images are fed to it (:class:`InputSpec`), where its backbone ends
+(:class:`BackboneSplit`), how it is saved in the format it came in, and how it is scored on
+labelled data. The engine (synthesis, pruning, fine-tuning, evaluation) asks only these questions.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    from dfbf_cli.engine.data import EvalData, ImageFolder
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    """How a batch of RGB images in [0, 1] becomes the model's input: ``(x - mean) / std``."""
+
+    imgsz: int
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
+    channels: int = 3
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """Map images in [0, 1] (N×3×H×W) to model inputs."""
+        mean = torch.tensor(self.mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+        std = torch.tensor(self.std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+        return (images - mean) / std
+
+    def to_dict(self) -> dict:
+        return {"imgsz": self.imgsz, "mean": list(self.mean), "std": list(self.std), "channels": self.channels}
+
+
+@dataclass
+class BackboneSplit:
+    """A model cut in two, sharing the original parameters (no copies).
+
+    ``backbone`` maps model inputs to the tuple of tensors the head reads; ``head`` maps that tuple
+    to the model's output, so ``head(backbone(x)) == model(x)``. ``feature_taps`` names (as in
+    ``model.named_modules()``) the backbone blocks whose outputs fine-tuning supervises: block
+    outputs that pruning keeps at their original shape, the backbone's final outputs included.
+    ``head_modules`` names the modules whose weights pruning must leave bit-identical.
+    """
+
+    backbone: nn.Module
+    head: nn.Module
+    feature_taps: list[str]
+    head_modules: list[str] = field(default_factory=list)
+
+
+class ModelAdapter(ABC):
+    """A loaded model plus what dfbf needs to know about its family."""
+
+    family: ClassVar[str]
+
+    def __init__(self, model: nn.Module, *, task: str, name: str, input_spec: InputSpec, source: Path | None):
+        self.model = model
+        self.task = task
+        self.name = name
+        self.input_spec = input_spec
+        self.source = source
+
+    def with_model(self, model: nn.Module) -> ModelAdapter:
+        """The same adapter around another module (a pruned or fine-tuned copy)."""
+        clone = copy.copy(self)
+        clone.model = model
+        clone.source = None
+        return clone
+
+    @abstractmethod
+    def split(self) -> BackboneSplit:
+        """Cut the model into backbone and head."""
+
+    @abstractmethod
+    def save(self, path: Path) -> Path:
+        """Write the model in the format it came in; return the path written."""
+
+    @property
+    @abstractmethod
+    def default_suffix(self) -> str:
+        """The file suffix :meth:`save` writes by default (``.pt``, ``.safetensors``...)."""
+
+    @abstractmethod
+    def evaluate(self, data: EvalData, *, imgsz: int, batch: int, device: torch.device) -> dict[str, float]:
+        """The task metric on labelled data (accuracy, mAP...), keyed by metric name."""
+
+    @abstractmethod
+    def agreement(
+        self, teacher: ModelAdapter, images: ImageFolder, *, imgsz: int, batch: int, device: torch.device
+    ) -> dict[str, float]:
+        """How closely this model follows ``teacher`` on unlabelled images."""
+
+    def fingerprint(self) -> str:
+        """sha256 of the weights (names, shapes and values): identifies the teacher of a dataset."""
+        digest = hashlib.sha256()
+        for key, tensor in sorted(self.model.state_dict().items()):
+            digest.update(key.encode())
+            digest.update(str(tuple(tensor.shape)).encode())
+            digest.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
+        return digest.hexdigest()
+
+    def describe(self) -> str:
+        return f"{self.name} ({self.family} {self.task})"

@@ -1,0 +1,248 @@
+"""Image classifiers: torchvision models (``torchvision:resnet18``) and CIFAR ResNets (``cifar-resnet56``).
+
+Both are plain ``nn.Module`` classifiers saved as state_dicts, so one adapter serves them; what
+differs per architecture is only where the backbone ends (:data:`LAYOUTS`).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from dfbf_cli.adapters.base import BackboneSplit, InputSpec, ModelAdapter
+from dfbf_cli.adapters.cifar_resnet import DEPTHS, CifarResNet
+from dfbf_cli.engine.data import EvalData, ImageFolder, LabelledImages
+from dfbf_cli.engine.files import atomic_path
+from dfbf_cli.engine.surgery import resize_to_state_dict
+from dfbf_cli.errors import DfbfError
+
+log = logging.getLogger("dfbf")
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+ARCH_METADATA_KEY = "dfbf.arch"  # written into .safetensors so a saved model is self-describing
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where an architecture's backbone ends: its children in order, then the head's pieces."""
+
+    backbone: tuple[str, ...]
+    head: tuple[str, ...]  # child names; "flatten" stands for torch.flatten(x, 1)
+    taps: str  # "blocks": every residual block output; "last": only the backbone output
+
+
+LAYOUTS = {
+    "resnet": Layout(("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"),
+                     ("avgpool", "flatten", "fc"), "blocks"),
+    "cifar-resnet": Layout(("conv1", "bn1", "relu", "layer1", "layer2", "layer3"),
+                           ("avgpool", "flatten", "linear"), "blocks"),
+    "vgg": Layout(("features",), ("avgpool", "flatten", "classifier"), "last"),
+    "mobilenet_v2": Layout(("features",), ("pool", "flatten", "classifier"), "blocks"),
+}
+
+
+def layout_of(arch: str) -> Layout | None:
+    if arch.startswith("cifar-resnet"):
+        return LAYOUTS["cifar-resnet"]
+    for prefix in ("resnet", "vgg", "mobilenet_v2"):
+        if arch.startswith(prefix) and not arch.startswith("resnext"):
+            return LAYOUTS[prefix]
+    return None
+
+
+class Chain(nn.Module):
+    """Run modules in order; the backbone returns a 1-tuple, the head accepts one."""
+
+    def __init__(self, modules: list[nn.Module], *, returns_tuple: bool, takes_tuple: bool):
+        super().__init__()
+        self.steps = nn.ModuleList(modules)
+        self.returns_tuple, self.takes_tuple = returns_tuple, takes_tuple
+
+    def forward(self, x):
+        x = x[0] if self.takes_tuple else x
+        for step in self.steps:
+            x = step(x)
+        return (x,) if self.returns_tuple else x
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """A state_dict from .safetensors or a torch pickle (plain, or under 'state_dict' / 'model')."""
+    if not path.is_file():
+        raise DfbfError(f"Weights file '{path}' does not exist.")
+    try:
+        if path.suffix == ".safetensors":
+            state = load_file(path)
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # any unreadable file is the user's input problem, not a dfbf bug
+        raise DfbfError(f"Cannot read weights '{path}': {str(error).splitlines()[0]}") from error
+    for key in ("state_dict", "model"):
+        if isinstance(state, dict) and isinstance(state.get(key), dict):
+            state = state[key]
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DfbfError(f"Weights '{path}' do not hold a state_dict of tensors.")
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def safetensors_arch(path: Path) -> str | None:
+    """The architecture a dfbf-saved .safetensors names in its metadata, if any."""
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return (handle.metadata() or {}).get(ARCH_METADATA_KEY)
+    except Exception:  # not a safetensors file: the caller reports what to do instead
+        return None
+
+
+def _build(arch: str, weights_enum: str | None) -> nn.Module:
+    if arch.startswith("cifar-resnet"):
+        depth = int(arch.removeprefix("cifar-resnet"))
+        return CifarResNet(depth)
+    import torchvision
+
+    name = arch.removeprefix("torchvision:")
+    try:
+        return torchvision.models.get_model(name, weights=weights_enum)
+    except (ValueError, KeyError) as error:
+        raise DfbfError(f"torchvision has no weights '{weights_enum}' for {name}: {error}.") from error
+    except OSError as error:  # URLError and friends: no network, no cached file
+        raise DfbfError(
+            f"Could not download torchvision weights {name}/{weights_enum} ({error}); "
+            "download them where you are online, or pass a local file with --weights FILE."
+        ) from error
+
+
+def load_classifier(arch: str, weights: str | None) -> ClassifierAdapter:
+    """``arch`` is ``torchvision:NAME`` or ``cifar-resnetN``; ``weights`` a file or a torchvision enum name."""
+    name = arch.removeprefix("torchvision:")
+    if arch.startswith("cifar-resnet"):
+        if arch.removeprefix("cifar-resnet") not in {str(d) for d in DEPTHS}:
+            raise DfbfError(f"Unknown CIFAR ResNet '{arch}'; choose one of {', '.join(f'cifar-resnet{d}' for d in DEPTHS)}.")
+    else:
+        import torchvision
+
+        if name not in torchvision.models.list_models(module=torchvision.models) or layout_of(name) is None:
+            raise DfbfError(f"Unsupported torchvision model '{name}'; supported: resnet*, vgg*, mobilenet_v2.")
+    weights_file = Path(weights).expanduser() if weights and ("/" in weights or "." in weights) else None
+    model = _build(arch, None if weights_file else weights)
+    if weights_file is not None:
+        state = read_state_dict(weights_file)
+        resize_to_state_dict(model, state)
+        try:
+            missing, unexpected = model.load_state_dict(state, strict=False)
+        except RuntimeError as error:
+            raise DfbfError(f"Weights '{weights_file}' do not fit {arch}: {str(error).splitlines()[-1].strip()}") from error
+        missing = [k for k in missing if not k.endswith("num_batches_tracked")]
+        if missing or unexpected:
+            raise DfbfError(
+                f"Weights '{weights_file}' do not fit {arch}: "
+                f"{len(missing)} missing keys (e.g. {missing[:2]}), {len(unexpected)} unexpected (e.g. {unexpected[:2]})."
+            )
+    elif weights is None:
+        log.warning("%s has no --weights: randomly initialised (useful only for structural checks).", arch)
+    imgsz = 32 if arch.startswith("cifar-resnet") else 224
+    suffix = weights_file.suffix if weights_file and weights_file.suffix in {".pth", ".pt", ".th"} else ".safetensors"
+    return ClassifierAdapter(
+        model.eval(), task="classify", name=arch, source=weights_file, suffix=suffix,
+        input_spec=InputSpec(imgsz, IMAGENET_MEAN, IMAGENET_STD),
+    )
+
+
+Scorer = Callable[[torch.Tensor], torch.Tensor]
+
+
+@torch.inference_mode()
+def classification_accuracy(scores: Scorer, data: LabelledImages, *, imgsz: int, batch: int, num_outputs: int) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (percent) of ``scores`` (images in [0, 1] -> class scores)."""
+    if data.num_classes > num_outputs:
+        raise DfbfError(f"{data.source} has {data.num_classes} classes but the model predicts {num_outputs}.")
+    if data.class_names and data.num_classes != num_outputs:
+        raise DfbfError(
+            f"{data.source} has {data.num_classes} class folders but the model predicts {num_outputs} classes; "
+            "folder order cannot be matched to the model's classes."
+        )
+    top1 = top5 = 0
+    k = min(5, num_outputs)
+    for images, labels in data.batches(imgsz, batch):
+        best = scores(images).topk(k, dim=1).indices.cpu()
+        top1 += (best[:, 0] == labels).sum().item()
+        top5 += (best == labels[:, None]).any(dim=1).sum().item()
+    return {"top1": 100.0 * top1 / len(data), "top5": 100.0 * top5 / len(data)}
+
+
+@torch.inference_mode()
+def top1_agreement(student: Scorer, teacher: Scorer, images: ImageFolder, *, imgsz: int, batch: int) -> dict[str, float]:
+    """Percentage of images on which student and teacher pick the same class."""
+    same = sum((student(x).argmax(1) == teacher(x).argmax(1)).sum().item() for x in images.batches(imgsz, batch))
+    return {"agreement_top1": 100.0 * same / len(images)}
+
+
+class ClassifierAdapter(ModelAdapter):
+    family = "classifier"
+
+    def __init__(self, model: nn.Module, *, suffix: str, **kwargs):
+        super().__init__(model, **kwargs)
+        self.suffix = suffix
+
+    @property
+    def default_suffix(self) -> str:
+        return self.suffix
+
+    @property
+    def layout(self) -> Layout:
+        return layout_of(self.name.removeprefix("torchvision:"))
+
+    def split(self) -> BackboneSplit:
+        layout = self.layout
+        backbone = [self.model.get_submodule(n) for n in layout.backbone]
+        head_names = [n for n in layout.head if n not in {"flatten", "pool"}]
+        head = [
+            nn.Flatten(1) if n == "flatten" else nn.AdaptiveAvgPool2d(1) if n == "pool" else self.model.get_submodule(n)
+            for n in layout.head
+        ]
+        if layout.taps == "blocks":
+            stages = [n for n in layout.backbone if n.startswith(("layer", "features"))]
+            taps = [f"{s}.{i}" for s in stages for i in range(len(self.model.get_submodule(s)))]
+        else:
+            taps = [layout.backbone[-1]]
+        return BackboneSplit(
+            backbone=Chain(backbone, returns_tuple=True, takes_tuple=False),
+            head=Chain(head, returns_tuple=False, takes_tuple=True),
+            feature_taps=taps,
+            head_modules=head_names,
+        )
+
+    def save(self, path: Path) -> Path:
+        state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
+        with atomic_path(path) as tmp:
+            if path.suffix == ".safetensors":
+                save_file(state, str(tmp), metadata={ARCH_METADATA_KEY: self.name})
+            else:
+                torch.save(state, tmp)
+        return path
+
+    def num_outputs(self) -> int:
+        last_linear = [m for m in self.model.modules() if isinstance(m, nn.Linear)][-1]
+        return last_linear.out_features
+
+    def scorer(self, device: torch.device) -> Scorer:
+        model = self.model.to(device).eval()
+        return lambda images: model(self.input_spec.normalize(images.to(device)))
+
+    def evaluate(self, data: EvalData, *, imgsz: int, batch: int, device: torch.device) -> dict[str, float]:
+        if not isinstance(data, LabelledImages):
+            raise DfbfError(
+                f"{self.name} is a classifier: evaluate it on an .npz or a class-per-folder tree, "
+                f"not on {type(data).__name__} data."
+            )
+        return classification_accuracy(self.scorer(device), data, imgsz=imgsz, batch=batch, num_outputs=self.num_outputs())
+
+    def agreement(self, teacher: ModelAdapter, images: ImageFolder, *, imgsz: int, batch: int, device: torch.device) -> dict[str, float]:
+        return top1_agreement(self.scorer(device), teacher.scorer(device), images, imgsz=imgsz, batch=batch)

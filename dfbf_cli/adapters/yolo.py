@@ -1,0 +1,238 @@
+"""Ultralytics YOLO models (v8, 11...) for detection, keypoint pose and classification.
+
+The model graph is Ultralytics' own: a list of layers, each reading the previous output or earlier
+saved outputs (``layer.f``). The backbone is the YAML's ``backbone`` section; the head (neck
+included) reads a few of its outputs. Scoring goes through Ultralytics' validators, so numbers
+match ``YOLO(path).val()``; saving writes a stock checkpoint that ``YOLO(path)`` loads without dfbf.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from datetime import datetime
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dfbf_cli import __version__
+from dfbf_cli.adapters.base import BackboneSplit, InputSpec, ModelAdapter
+from dfbf_cli.adapters.classifier import Scorer, classification_accuracy, top1_agreement
+from dfbf_cli.engine.data import EvalData, ImageFolder, LabelledImages, YoloDataset, temporary_folder
+from dfbf_cli.engine.files import atomic_path
+from dfbf_cli.errors import DfbfError
+
+log = logging.getLogger("dfbf")
+
+SUPPORTED_TASKS = ("detect", "pose", "classify")
+KEYPOINT_VISIBLE = 0.5  # teacher keypoint confidence above which a pseudo-label marks it visible
+
+
+def _sources(layer: nn.Module) -> list[int]:
+    """Absolute indices of the layers whose outputs ``layer`` reads."""
+    froms = layer.f if isinstance(layer.f, list) else [layer.f]
+    return [layer.i + f if f < 0 else f for f in froms]
+
+
+def _run_layers(layers: nn.ModuleList, saved: dict[int, torch.Tensor]) -> torch.Tensor:
+    """Ultralytics' forward loop over a slice of layers; ``saved`` maps layer index to output (-1: input)."""
+    for layer in layers:
+        sources = _sources(layer)
+        x = layer(saved[sources[0]] if isinstance(layer.f, int) else [saved[j] for j in sources])
+        saved[layer.i] = x
+    return x
+
+
+class YoloBackbone(nn.Module):
+    def __init__(self, layers: list[nn.Module], outputs: tuple[int, ...]):
+        super().__init__()
+        self.layers, self.outputs = nn.ModuleList(layers), outputs
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        saved = {-1: x}
+        _run_layers(self.layers, saved)
+        return tuple(saved[i] for i in self.outputs)
+
+
+class YoloHead(nn.Module):
+    def __init__(self, layers: list[nn.Module], inputs: tuple[int, ...]):
+        super().__init__()
+        self.layers, self.inputs = nn.ModuleList(layers), inputs
+
+    def forward(self, features: tuple[torch.Tensor, ...]):
+        return _run_layers(self.layers, dict(zip(self.inputs, features)))
+
+
+def _task_of(model: nn.Module) -> str:
+    from ultralytics.nn.tasks import guess_model_task
+
+    return guess_model_task(model)
+
+
+def load_yolo(spec: str) -> YoloAdapter:
+    """A checkpoint path, an Ultralytics model name (downloaded when online), or a model YAML."""
+    from ultralytics import YOLO
+
+    path = Path(spec).expanduser()
+    is_yaml = path.suffix in {".yaml", ".yml"}
+    try:
+        yolo = YOLO(str(path) if path.exists() else spec)
+    except FileNotFoundError as error:
+        if is_yaml:
+            raise DfbfError(f"Model YAML '{spec}' does not exist (nor is it one of Ultralytics' built-in YAMLs).") from error
+        raise DfbfError(
+            f"Model '{spec}' is not a local file and could not be downloaded ({str(error).splitlines()[0]}); "
+            f"download it where you are online, or pass the path of a local checkpoint."
+        ) from error
+    except Exception as error:  # a corrupt or foreign file: Ultralytics raises many types
+        if not path.exists() and not is_yaml:
+            raise DfbfError(
+                f"Model '{spec}' is not a local file and could not be downloaded "
+                f"({str(error).splitlines()[0]}); pass the path of a local checkpoint."
+            ) from error
+        raise DfbfError(f"Cannot load '{spec}' as an Ultralytics YOLO model: {str(error).splitlines()[0]}") from error
+    model = yolo.model
+    task = _task_of(model)
+    if task not in SUPPORTED_TASKS:
+        raise DfbfError(f"'{spec}' is a YOLO {task} model; dfbf supports {', '.join(SUPPORTED_TASKS)}.")
+    if is_yaml:
+        log.warning("%s is a model YAML: randomly initialised (useful only for structural checks).", spec)
+    train_args = dict(getattr(model, "args", {}) or {})
+    imgsz = int(train_args["imgsz"]) if train_args.get("imgsz") and not is_yaml else 224 if task == "classify" else 640
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    return YoloAdapter(
+        model.eval(), task=task, name=Path(spec).name, input_spec=InputSpec(imgsz),
+        source=path if path.exists() and not is_yaml else None, train_args=train_args,
+    )
+
+
+class YoloAdapter(ModelAdapter):
+    family = "yolo"
+    default_suffix = ".pt"
+
+    def __init__(self, model: nn.Module, *, train_args: dict, **kwargs):
+        super().__init__(model, **kwargs)
+        self.train_args = train_args
+
+    @property
+    def backbone_length(self) -> int:
+        return len(self.model.yaml["backbone"])
+
+    def split(self) -> BackboneSplit:
+        layers, n = list(self.model.model), self.backbone_length
+        head_inputs = sorted({j for layer in layers[n:] for j in _sources(layer) if j < n} | {n - 1})
+        return BackboneSplit(
+            backbone=YoloBackbone(layers[:n], tuple(head_inputs)),
+            head=YoloHead(layers[n:], tuple(head_inputs)),
+            feature_taps=[f"model.{i}" for i in head_inputs],
+            head_modules=[f"model.{i}" for i in range(n, len(layers))],
+        )
+
+    def save(self, path: Path) -> Path:
+        """A checkpoint in Ultralytics' own layout (fp16 model, train_args), loadable by stock ``YOLO(path)``."""
+        from ultralytics import __version__ as ultralytics_version
+
+        model = copy.deepcopy(self.model).cpu().half()
+        for parameter in model.parameters():
+            parameter.requires_grad_(False)
+        checkpoint = {
+            "date": datetime.now().astimezone().isoformat(),
+            "version": ultralytics_version,
+            "license": "AGPL-3.0 (https://ultralytics.com/license)",
+            "docs": "https://docs.ultralytics.com",
+            "epoch": -1,
+            "best_fitness": None,
+            "model": model,
+            "ema": None,
+            "updates": None,
+            "optimizer": None,
+            "train_args": {**self.train_args, "task": self.task},
+            "dfbf": {"version": __version__},
+        }
+        with atomic_path(path) as tmp:
+            torch.save(checkpoint, tmp)
+        return path
+
+    def stock_yolo(self, folder: Path, role: str = "model"):
+        """This model as a stock ``ultralytics.YOLO`` (saved and reloaded, so it never aliases ``self.model``)."""
+        from ultralytics import YOLO
+
+        return YOLO(str(self.save(folder / f"{role}.pt")))
+
+    def scorer(self, device: torch.device) -> Scorer:
+        model = self.model.to(device).eval()
+
+        def scores(images: torch.Tensor) -> torch.Tensor:
+            out = model(images.to(device))
+            return out[0] if isinstance(out, (tuple, list)) else out
+
+        return scores
+
+    def evaluate(self, data: EvalData, *, imgsz: int, batch: int, device: torch.device) -> dict[str, float]:
+        if self.task == "classify":
+            if not isinstance(data, LabelledImages):
+                raise DfbfError(f"{self.name} is a classifier: evaluate it on an .npz or a class-per-folder tree.")
+            return classification_accuracy(self.scorer(device), data, imgsz=imgsz, batch=batch, num_outputs=len(self.model.names))
+        if not isinstance(data, YoloDataset):
+            raise DfbfError(f"{self.name} is a YOLO {self.task} model: evaluate it on an Ultralytics dataset YAML.")
+        self._check_compatible(data)
+        with temporary_folder() as tmp:
+            return self._validate(Path(tmp), data.resolved_yaml(Path(tmp)), imgsz=imgsz, batch=batch, device=device)
+
+    def _check_compatible(self, data: YoloDataset) -> None:
+        model_nc, data_nc = len(self.model.names), len(data.names)
+        if model_nc != data_nc:
+            raise DfbfError(
+                f"{self.name} predicts {model_nc} class(es) but {data.yaml_path} has {data_nc}; "
+                "evaluate it on a dataset with the same classes."
+            )
+        if self.task == "pose" and list(data.config.get("kpt_shape") or []) != list(self.model.kpt_shape):
+            raise DfbfError(
+                f"{self.name} predicts keypoints of shape {list(self.model.kpt_shape)} but {data.yaml_path} "
+                f"has kpt_shape {data.config.get('kpt_shape')}."
+            )
+
+    def _validate(self, folder: Path, data_yaml: Path, *, imgsz: int, batch: int, device: torch.device) -> dict[str, float]:
+        results = self.stock_yolo(folder).val(
+            data=str(data_yaml), imgsz=imgsz, batch=batch, device=str(device), plots=False,
+            verbose=False, save_json=False, project=str(folder), name="val", workers=0,
+        )
+        metrics = results.results_dict
+        out = {"box_map50_95": metrics["metrics/mAP50-95(B)"], "box_map50": metrics["metrics/mAP50(B)"]}
+        if self.task == "pose":
+            out = {"pose_map50_95": metrics["metrics/mAP50-95(P)"], "pose_map50": metrics["metrics/mAP50(P)"], **out}
+        return out
+
+    def agreement(self, teacher: ModelAdapter, images: ImageFolder, *, imgsz: int, batch: int, device: torch.device) -> dict[str, float]:
+        """Classifiers: top-1 agreement. Detect/pose: mAP against the teacher's own predictions."""
+        if self.task == "classify":
+            return top1_agreement(self.scorer(device), teacher.scorer(device), images, imgsz=imgsz, batch=batch)
+        with temporary_folder() as tmp:
+            data_yaml = self._teacher_pseudo_labels(teacher, images, Path(tmp), imgsz=imgsz, device=device)
+            metrics = self._validate(Path(tmp), data_yaml, imgsz=imgsz, batch=batch, device=device)
+        return {f"agreement_{k}": v for k, v in metrics.items()}
+
+    def _teacher_pseudo_labels(self, teacher: ModelAdapter, images: ImageFolder, folder: Path, *, imgsz: int, device: torch.device) -> Path:
+        """A YOLO dataset whose labels are the teacher's predictions on ``images``."""
+        image_dir, label_dir = folder / "images" / "val", folder / "labels" / "val"
+        image_dir.mkdir(parents=True)
+        label_dir.mkdir(parents=True)
+        predictor = teacher.stock_yolo(folder, "teacher")
+        for path in images.files:
+            (image_dir / path.name).symlink_to(path.resolve())
+        for result in predictor.predict([str(p) for p in images.files], imgsz=imgsz, device=str(device), verbose=False, stream=True):
+            lines = []
+            for k, (cls, box) in enumerate(zip(result.boxes.cls.tolist(), result.boxes.xywhn.tolist())):
+                fields = [int(cls), *box]
+                if self.task == "pose":
+                    xy, conf = result.keypoints.xyn[k].tolist(), result.keypoints.conf[k].tolist()
+                    for (x, y), c in zip(xy, conf):
+                        fields += [x, y, 2] if c > KEYPOINT_VISIBLE else [0, 0, 0]
+                lines.append(" ".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in fields))
+            (label_dir / f"{Path(result.path).stem}.txt").write_text("\n".join(lines))
+        config = {"path": str(folder), "train": "images/val", "val": "images/val", "names": dict(self.model.names)}
+        if self.task == "pose":
+            config["kpt_shape"] = list(self.model.kpt_shape)
+        return YoloDataset(folder / "agreement.yaml", config).resolved_yaml(folder)

@@ -1,0 +1,56 @@
+"""The ``dfbf`` command line: parses, reports, and maps failures to stable exit codes."""
+
+from __future__ import annotations
+
+import sys
+import traceback
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from dfbf_cli import __version__
+from dfbf_cli.errors import EXIT_INTERNAL, DfbfError
+
+app = typer.Typer(
+    name="dfbf",
+    help="Compress trained vision models without their training data.\n\n"
+    "Exit codes: 0 success, 1 a quality gate failed, 2 bad usage or input, 3 internal error, 130 interrupted.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        print(f"dfbf {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(
+    version: Annotated[bool, typer.Option("--version", callback=_show_version, is_eager=True, help="Print the version and exit.")] = False,
+) -> None:
+    """Compress trained vision models without their training data."""
+
+
+from dfbf_cli.cli import evaluate  # noqa: E402  (registers its command on ``app``)
+
+app.command("eval")(evaluate.eval_command)
+
+
+def main() -> None:
+    """Entry point. Typer maps usage errors to exit 2 and Ctrl-C to 130; here a user mistake
+    (:class:`DfbfError`) becomes one sentence and its exit code, and a bug a traceback and exit 3."""
+    errors = Console(stderr=True)
+    try:
+        app()
+    except DfbfError as error:
+        errors.print(f"[bold red]Error:[/] {error}", highlight=False, soft_wrap=True)
+        sys.exit(error.exit_code)
+    except Exception:
+        traceback.print_exc()
+        errors.print(f"[bold red]Internal error[/] (dfbf {__version__}): please report it with the traceback above.")
+        sys.exit(EXIT_INTERNAL)

@@ -1,0 +1,58 @@
+"""Shared fixtures: the real assets in ../shared (skipped with a reason when absent) and a CLI runner."""
+
+from __future__ import annotations
+
+import shutil
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared" / "assets"
+MODELS, DATA = SHARED / "models", SHARED / "data"
+
+
+def shared_asset(relative: str) -> Path:
+    """A file under ../shared/assets, or skip the test saying why."""
+    path = SHARED / relative
+    if not path.exists():
+        pytest.skip(f"needs the shared asset {path} (only present on the project's machines)")
+    return path
+
+
+@pytest.fixture(scope="session")
+def dataset_copy(tmp_path_factory):
+    """Copy a small shared YOLO dataset to a temporary folder, so Ultralytics' label caches land there."""
+
+    def copy(name: str) -> Path:
+        target = tmp_path_factory.getbasetemp() / name
+        if not target.exists():
+            shutil.copytree(shared_asset(f"data/{name}"), target)
+        return target / "data.yaml"
+
+    return copy
+
+
+@dataclass
+class CliResult:
+    code: int
+    stdout: str
+    stderr: str
+
+
+@pytest.fixture
+def run_cli(capsys, monkeypatch):
+    """Run ``dfbf ARGS`` in-process through the real entry point; return exit code and output."""
+    from dfbf_cli.cli import main
+
+    def run(*args: str) -> CliResult:
+        monkeypatch.setattr(sys, "argv", ["dfbf", *map(str, args)])
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_info:
+            main()
+        out = capsys.readouterr()
+        code = exit_info.value.code
+        return CliResult(code if isinstance(code, int) else (0 if code is None else 1), out.out, out.err)
+
+    return run

@@ -1,0 +1,132 @@
+"""Every family loads, splits into backbone + head that reassemble exactly, and round-trips through save."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dfbf_cli.adapters import load_model
+from dfbf_cli.errors import DfbfError
+from tests.conftest import shared_asset
+
+STRUCTURAL = [
+    "yolov8n.yaml", "yolov8n-pose.yaml", "yolov8n-cls.yaml", "yolo11n.yaml", "yolo11n-pose.yaml", "yolo11n-cls.yaml",
+    "torchvision:resnet18", "torchvision:resnet50", "torchvision:mobilenet_v2", "torchvision:vgg16_bn", "cifar-resnet20",
+]
+
+
+def _first(output):
+    return output[0] if isinstance(output, (tuple, list)) else output
+
+
+def _example(adapter, n: int = 2) -> torch.Tensor:
+    size = min(adapter.input_spec.imgsz, 160)
+    return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def assert_split_reassembles(adapter) -> None:
+    split = adapter.split()
+    x = _example(adapter)
+    with torch.no_grad():
+        expected = _first(adapter.model(x))
+        got = _first(split.head(split.backbone(x)))
+    torch.testing.assert_close(got, expected)
+    names = dict(adapter.model.named_modules())
+    assert split.feature_taps and all(tap in names for tap in split.feature_taps)
+    assert split.head_modules and all(name in names for name in split.head_modules)
+    backbone_ids = {id(p) for p in split.backbone.parameters()}
+    head_ids = {id(p) for p in split.head.parameters()}
+    assert backbone_ids and head_ids and not backbone_ids & head_ids
+    assert backbone_ids | head_ids == {id(p) for p in adapter.model.parameters()}
+
+
+@pytest.mark.parametrize("spec", STRUCTURAL)
+def test_structural_models_split_and_reassemble(spec):
+    adapter = load_model(spec)
+    assert adapter.task == ("classify" if "cls" in spec or ":" in spec or "cifar" in spec else "pose" if "pose" in spec else "detect")
+    assert_split_reassembles(adapter)
+
+
+@pytest.mark.parametrize(("name", "task"), [("yolo11n-pose.pt", "pose"), ("yolo11n-person.pt", "detect")])
+def test_real_yolo_checkpoints_split_and_reassemble(name, task):
+    adapter = load_model(str(shared_asset(f"models/{name}")))
+    assert adapter.task == task and adapter.input_spec.imgsz == 640
+    assert adapter.split().feature_taps == ["model.4", "model.6", "model.10"]
+    assert_split_reassembles(adapter)
+
+
+def test_cifar_checkpoint_loads_with_its_normalisation():
+    adapter = load_model("cifar-resnet56", str(shared_asset("models/cifar10-resnet56.th")))
+    assert adapter.input_spec.imgsz == 32 and adapter.input_spec.mean == (0.485, 0.456, 0.406)
+    assert len(adapter.split().feature_taps) == 27  # 3 stages of 9 BasicBlocks
+    assert_split_reassembles(adapter)
+
+
+def test_yolo_checkpoint_round_trip_loads_in_stock_ultralytics_without_dfbf(tmp_path):
+    adapter = load_model(str(shared_asset("models/yolo11n-pose.pt")))
+    saved = adapter.save(tmp_path / "copy.pt")
+    reloaded = load_model(str(saved))
+    x = _example(adapter)
+    with torch.no_grad():
+        torch.testing.assert_close(_first(reloaded.model(x)), _first(adapter.model(x)))
+    script = (
+        "import sys, numpy as np\n"
+        "from ultralytics import YOLO\n"
+        f"model = YOLO({str(saved)!r})\n"
+        "results = model.predict(np.zeros((96, 128, 3), np.uint8), imgsz=128, verbose=False)\n"
+        "assert 'dfbf_cli' not in sys.modules\n"
+        "print(model.task, len(results))\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split()[-2:] == ["pose", "1"]
+
+
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+def test_classifier_round_trip_keeps_a_shrunk_architecture(tmp_path, suffix):
+    """A structurally smaller model (as pruning makes) saves and reloads from its state_dict shapes."""
+    from dfbf_cli.engine.surgery import resize_to_state_dict
+
+    adapter = load_model("cifar-resnet20")
+    state = adapter.model.state_dict()
+    state["layer1.0.conv1.weight"] = state["layer1.0.conv1.weight"][:10]
+    for key in ("weight", "bias", "running_mean", "running_var"):
+        state[f"layer1.0.bn1.{key}"] = state[f"layer1.0.bn1.{key}"][:10]
+    state["layer1.0.conv2.weight"] = state["layer1.0.conv2.weight"][:, :10]
+    resize_to_state_dict(adapter.model, state)
+    adapter.model.load_state_dict(state)
+    path = adapter.save(tmp_path / f"small{suffix}")
+    reloaded = load_model(str(path)) if suffix == ".safetensors" else load_model("cifar-resnet20", str(path))
+    assert reloaded.model.layer1[0].conv1.out_channels == 10
+    x = _example(adapter)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.model.eval()(x), adapter.model.eval()(x))
+
+
+@pytest.mark.parametrize(
+    ("spec", "weights", "message"),
+    [
+        ("missing.pt", None, "could not be downloaded"),
+        ("no-such-model.yaml", None, "does not exist"),
+        ("resnet18", None, "Unknown model"),
+        ("torchvision:alexnet", None, "Unsupported torchvision model"),
+        ("cifar-resnet7", None, "Unknown CIFAR ResNet"),
+        ("cifar-resnet20", "nowhere.th", "does not exist"),
+        ("torchvision:resnet18", "cifar-resnet56-as-weights", "do not fit"),
+    ],
+)
+def test_bad_model_specs_are_user_errors(spec, weights, message):
+    if weights == "cifar-resnet56-as-weights":
+        weights = str(shared_asset("models/cifar10-resnet56.th"))
+    with pytest.raises(DfbfError, match=message):
+        load_model(spec, weights)
+
+
+def test_corrupt_checkpoint_is_a_user_error(tmp_path):
+    bad = tmp_path / "broken.pt"
+    bad.write_bytes(b"definitely not a checkpoint")
+    with pytest.raises(DfbfError, match="Cannot load"):
+        load_model(str(bad))
