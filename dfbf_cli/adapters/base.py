@@ -20,6 +20,7 @@ from torch import nn
 
 if TYPE_CHECKING:
     from dfbf_cli.engine.data import EvalData, ImageFolder
+    from dfbf_cli.engine.pruning import ChannelGroup
 
 
 @dataclass(frozen=True)
@@ -62,6 +63,7 @@ class ModelAdapter(ABC):
     """A loaded model plus what dfbf needs to know about its family."""
 
     family: ClassVar[str]
+    save_suffixes: ClassVar[tuple[str, ...]]  # file formats :meth:`save` writes
 
     def __init__(self, model: nn.Module, *, task: str, name: str, input_spec: InputSpec, source: Path | None):
         self.model = model
@@ -82,6 +84,10 @@ class ModelAdapter(ABC):
         """Cut the model into backbone and head."""
 
     @abstractmethod
+    def channel_groups(self) -> list[ChannelGroup]:
+        """The backbone's prunable channel groups: every tensor the head reads keeps its shape."""
+
+    @abstractmethod
     def save(self, path: Path) -> Path:
         """Write the model in the format it came in; return the path written."""
 
@@ -89,6 +95,18 @@ class ModelAdapter(ABC):
     @abstractmethod
     def default_suffix(self) -> str:
         """The file suffix :meth:`save` writes by default (``.pt``, ``.safetensors``...)."""
+
+    def output_path(self, out: Path | None, tag: str) -> Path:
+        """Where to save a derived model: ``out`` if given (checked), else ``<name>-<tag><suffix>`` here."""
+        from dfbf_cli.errors import DfbfError
+
+        stem = Path(self.name.split(":")[-1]).stem
+        path = Path(out) if out is not None else Path(f"{stem}-{tag}{self.default_suffix}")
+        if path.suffix not in self.save_suffixes:
+            raise DfbfError(f"{self.name} is saved as {' or '.join(self.save_suffixes)}; '{path}' has another suffix.")
+        if self.source is not None and path.resolve() == self.source.resolve():
+            raise DfbfError(f"--out {path} is the input model itself; choose another file so the original stays intact.")
+        return path
 
     @abstractmethod
     def evaluate(self, data: EvalData, *, imgsz: int, batch: int, device: torch.device) -> dict[str, float]:
@@ -99,6 +117,10 @@ class ModelAdapter(ABC):
         self, teacher: ModelAdapter, images: ImageFolder, *, imgsz: int, batch: int, device: torch.device
     ) -> dict[str, float]:
         """How closely this model follows ``teacher`` on unlabelled images."""
+
+    def synthesis_classes(self) -> int | None:
+        """Number of classes for class-conditional synthesis, or None where the task has no such target."""
+        return None
 
     def fingerprint(self) -> str:
         """sha256 of the weights (names, shapes and values): identifies the teacher of a dataset."""

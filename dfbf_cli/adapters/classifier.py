@@ -20,6 +20,7 @@ from dfbf_cli.adapters.base import BackboneSplit, InputSpec, ModelAdapter
 from dfbf_cli.adapters.cifar_resnet import DEPTHS, CifarResNet
 from dfbf_cli.engine.data import EvalData, ImageFolder, LabelledImages
 from dfbf_cli.engine.files import atomic_path
+from dfbf_cli.engine.pruning import ChannelGroup, channel_group
 from dfbf_cli.engine.surgery import resize_to_state_dict
 from dfbf_cli.errors import DfbfError
 
@@ -186,6 +187,7 @@ def top1_agreement(student: Scorer, teacher: Scorer, images: ImageFolder, *, img
 
 class ClassifierAdapter(ModelAdapter):
     family = "classifier"
+    save_suffixes = (".safetensors", ".pth", ".pt", ".th")
 
     def __init__(self, model: nn.Module, *, suffix: str, **kwargs):
         super().__init__(model, **kwargs)
@@ -219,6 +221,37 @@ class ClassifierAdapter(ModelAdapter):
             head_modules=head_names,
         )
 
+    def channel_groups(self) -> list[ChannelGroup]:
+        """Block-internal channels of residual blocks (the residual stream keeps its width); for VGG,
+        every conv output but the last (which the classifier reads)."""
+        from torchvision.models.mobilenetv2 import InvertedResidual
+        from torchvision.models.resnet import BasicBlock as TorchvisionBasic
+        from torchvision.models.resnet import Bottleneck
+
+        from dfbf_cli.adapters.cifar_resnet import BasicBlock as CifarBasic
+
+        groups = []
+        for name, module in self.model.named_modules():
+            stage = name.split(".")[0]
+            if isinstance(module, (CifarBasic, TorchvisionBasic)):
+                groups.append(channel_group(f"{name}.conv1", stage, module.conv1.out_channels,
+                                            [f"{name}.conv1", f"{name}.bn1"], [f"{name}.conv2"]))
+            elif isinstance(module, Bottleneck):
+                for a, b in (("1", "2"), ("2", "3")):
+                    groups.append(channel_group(f"{name}.conv{a}", stage, getattr(module, f"conv{a}").out_channels,
+                                                [f"{name}.conv{a}", f"{name}.bn{a}"], [f"{name}.conv{b}"]))
+            elif isinstance(module, InvertedResidual) and len(module.conv) == 4:  # expand, depthwise, project, bn
+                c = f"{name}.conv"
+                groups.append(channel_group(f"{name}.expand", f"{stage}.{name.split('.')[1]}", module.conv[0][0].out_channels,
+                                            [f"{c}.0.0", f"{c}.0.1", f"{c}.1.0", f"{c}.1.1"], [f"{c}.2"]))
+        if self.layout is LAYOUTS["vgg"]:
+            convs = [(n, m) for n, m in self.model.features.named_children() if isinstance(m, nn.Conv2d)]
+            for (index, conv), (next_index, _) in zip(convs, convs[1:]):
+                norm = f"features.{int(index) + 1}"
+                producers = [f"features.{index}"] + ([norm] if isinstance(self.model.get_submodule(norm), nn.BatchNorm2d) else [])
+                groups.append(channel_group(f"features.{index}", f"features.{index}", conv.out_channels, producers, [f"features.{next_index}"]))
+        return groups
+
     def save(self, path: Path) -> Path:
         state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
         with atomic_path(path) as tmp:
@@ -231,6 +264,9 @@ class ClassifierAdapter(ModelAdapter):
     def num_outputs(self) -> int:
         last_linear = [m for m in self.model.modules() if isinstance(m, nn.Linear)][-1]
         return last_linear.out_features
+
+    def synthesis_classes(self) -> int | None:
+        return self.num_outputs()
 
     def scorer(self, device: torch.device) -> Scorer:
         model = self.model.to(device).eval()

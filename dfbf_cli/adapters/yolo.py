@@ -21,6 +21,7 @@ from dfbf_cli.adapters.base import BackboneSplit, InputSpec, ModelAdapter
 from dfbf_cli.adapters.classifier import Scorer, classification_accuracy, top1_agreement
 from dfbf_cli.engine.data import EvalData, ImageFolder, LabelledImages, YoloDataset, temporary_folder
 from dfbf_cli.engine.files import atomic_path
+from dfbf_cli.engine.pruning import ChannelGroup, ChannelSlice, channel_group
 from dfbf_cli.errors import DfbfError
 
 log = logging.getLogger("dfbf")
@@ -62,6 +63,64 @@ class YoloHead(nn.Module):
 
     def forward(self, features: tuple[torch.Tensor, ...]):
         return _run_layers(self.layers, dict(zip(self.inputs, features)))
+
+
+def _plain_conv(module: nn.Module) -> bool:
+    """An Ultralytics ``Conv`` (conv + BN + activation) whose channels can be cut independently."""
+    from ultralytics.nn.modules import Conv
+
+    return type(module) is Conv and module.conv.groups == 1
+
+
+def _output_conv(layer: nn.Module) -> str | None:
+    """Relative name of the Conv that produces a backbone layer's output ('' for a Conv layer), if cuttable."""
+    from ultralytics.nn.modules import C2f, C3, SPPF
+
+    if _plain_conv(layer):
+        return ""
+    for kind, name in ((C2f, "cv2"), (C3, "cv3"), (SPPF, "cv2")):
+        if isinstance(layer, kind) and not getattr(layer, "add", False) and _plain_conv(getattr(layer, name)):
+            return name
+    return None
+
+
+def _input_convs(layer: nn.Module) -> list[str]:
+    """Names (relative, ending in ``.conv``) of the convs that read a backbone layer's input; [] if not cuttable."""
+    from ultralytics.nn.modules import C2f, C2PSA, C3, SPPF
+
+    if _plain_conv(layer):
+        return ["conv"]
+    if isinstance(layer, C3) and _plain_conv(layer.cv1) and _plain_conv(layer.cv2):
+        return ["cv1.conv", "cv2.conv"]
+    if isinstance(layer, (C2f, C2PSA)) or (isinstance(layer, SPPF) and not getattr(layer, "add", False)):
+        return ["cv1.conv"] if _plain_conv(layer.cv1) else []
+    return []
+
+
+def _hidden_groups(prefix: str, layer: nn.Module) -> list[ChannelGroup]:
+    """Channels that live and die inside a block: Bottleneck and PSA feed-forward hidden widths,
+    C3's second branch (read by cv3 after the first branch's channels), SPPF's pooled copies."""
+    from ultralytics.nn.modules.block import C3, SPPF, Bottleneck, PSABlock
+
+    groups = []
+    for rel, module in layer.named_modules():
+        name = f"{prefix}.{rel}" if rel else prefix
+        pair = None
+        if isinstance(module, Bottleneck):
+            pair = (module.cv1, f"{name}.cv1", [f"{name}.cv2.conv"], module.cv2)
+        elif isinstance(module, PSABlock) and len(module.ffn) == 2:
+            pair = (module.ffn[0], f"{name}.ffn.0", [f"{name}.ffn.1.conv"], module.ffn[1])
+        elif isinstance(module, C3) and _plain_conv(module.cv3):
+            hidden = module.cv1.conv.out_channels
+            pair = (module.cv2, f"{name}.cv2", [ChannelSlice(f"{name}.cv3.conv", hidden)], module.cv3)
+        elif isinstance(module, SPPF) and _plain_conv(module.cv2):
+            width, copies = module.cv1.conv.out_channels, getattr(module, "n", 3) + 1
+            pair = (module.cv1, f"{name}.cv1", [ChannelSlice(f"{name}.cv2.conv", k * width) for k in range(copies)], module.cv2)
+        if pair and _plain_conv(pair[0]) and _plain_conv(pair[3]):
+            producer, produced, consumers, _ = pair
+            groups.append(channel_group(produced, prefix, producer.conv.out_channels,
+                                        [f"{produced}.conv", f"{produced}.bn"], consumers))
+    return groups
 
 
 def _task_of(model: nn.Module) -> str:
@@ -111,6 +170,7 @@ def load_yolo(spec: str) -> YoloAdapter:
 class YoloAdapter(ModelAdapter):
     family = "yolo"
     default_suffix = ".pt"
+    save_suffixes = (".pt",)
 
     def __init__(self, model: nn.Module, *, train_args: dict, **kwargs):
         super().__init__(model, **kwargs)
@@ -129,6 +189,27 @@ class YoloAdapter(ModelAdapter):
             feature_taps=[f"model.{i}" for i in head_inputs],
             head_modules=[f"model.{i}" for i in range(n, len(layers))],
         )
+
+    def channel_groups(self) -> list[ChannelGroup]:
+        """Block-internal hidden channels, plus the interface between two backbone layers wherever the
+        first layer's output is read only by the next (never the tensors the neck/head reads)."""
+        n, layers = self.backbone_length, list(self.model.model)
+        head_inputs = set(self.split().backbone.outputs)
+        readers: dict[int, set[int]] = {}
+        for layer in layers:
+            for source in _sources(layer):
+                readers.setdefault(source, set()).add(layer.i)
+        groups = []
+        for i in range(n):
+            groups += _hidden_groups(f"model.{i}", layers[i])
+            if i + 1 < n and i not in head_inputs and readers.get(i) == {i + 1}:
+                produced, consumers = _output_conv(layers[i]), _input_convs(layers[i + 1])
+                if produced is not None and consumers:
+                    name = f"model.{i}" + (f".{produced}" if produced else "")
+                    conv = self.model.get_submodule(f"{name}.conv")
+                    groups.append(channel_group(f"model.{i}→{i + 1}", f"model.{i}", conv.out_channels,
+                                                [f"{name}.conv", f"{name}.bn"], [f"model.{i + 1}.{c}" for c in consumers]))
+        return groups
 
     def save(self, path: Path) -> Path:
         """A checkpoint in Ultralytics' own layout (fp16 model, train_args), loadable by stock ``YOLO(path)``."""

@@ -36,8 +36,10 @@ def root(
     """Compress trained vision models without their training data."""
 
 
-from dfbf_cli.cli import evaluate  # noqa: E402  (registers its command on ``app``)
+from dfbf_cli.cli import evaluate, prune, synthesize  # noqa: E402
 
+app.command("synthesize")(synthesize.synthesize_command)
+app.command("prune")(prune.prune_command)
 app.command("eval")(evaluate.eval_command)
 
 

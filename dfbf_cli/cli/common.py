@@ -18,7 +18,7 @@ import torch
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from dfbf_cli import __version__
 from dfbf_cli.engine.runtime import resolve_device, seed_everything
@@ -46,8 +46,8 @@ class Session:
     def progress(self) -> Progress:
         """A rich progress bar on stderr (hidden with --quiet)."""
         return Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[status]}"),
-            TimeElapsedColumn(), TimeRemainingColumn(), console=Console(stderr=True), disable=self.quiet, transient=False,
+            TextColumn("[bold]{task.description}"), BarColumn(bar_width=16), TextColumn("{task.fields[status]}"),
+            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True), disable=self.quiet, transient=False,
         )
 
     def emit(self, result: dict) -> None:

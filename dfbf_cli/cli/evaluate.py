@@ -10,7 +10,7 @@ from rich.table import Table
 from dfbf_cli.adapters import load_model
 from dfbf_cli.cli.common import DeviceOption, JsonOption, QuietOption, SeedOption, WeightsOption, session
 from dfbf_cli.engine.data import load_eval_data
-from dfbf_cli.engine.evaluate import ModelReport, evaluate_model
+from dfbf_cli.engine.evaluate import ModelReport, evaluate_models
 from dfbf_cli.errors import DfbfError
 
 
@@ -73,12 +73,12 @@ def eval_command(
             raise DfbfError("--weights applies to a single MODEL; evaluate models with different weights one by one.")
         eval_data = load_eval_data(data)
         teacher_model = load_model(teacher, teacher_weights) if teacher else None
-        reports = []
-        for spec in models:
-            adapter = load_model(spec, weights)
-            if not quiet:
-                ctx.console.print(f"Evaluating {adapter.describe()} on {data} ({ctx.device}) ...", highlight=False)
-            reports.append(evaluate_model(adapter, eval_data, teacher=teacher_model, imgsz=imgsz, batch=batch,
-                                          device=ctx.device, latency_runs=latency_runs))
+        adapters = [load_model(spec, weights) for spec in models]
+        if len({a.input_spec.imgsz for a in adapters}) > 1 and imgsz is None:
+            raise DfbfError("These models have different input sizes; pass --imgsz to compare them at one size.")
+        if not quiet:
+            ctx.console.print(f"Evaluating {', '.join(a.describe() for a in adapters)} on {data} ({ctx.device}) ...", highlight=False)
+        reports = evaluate_models(adapters, eval_data, teacher=teacher_model, imgsz=imgsz, batch=batch,
+                                  device=ctx.device, latency_runs=latency_runs)
         ctx.console.print(report_table(reports, f"dfbf eval · {data}"))
         ctx.emit({"command": "eval", "data": data, "device": str(ctx.device), "models": [r.to_dict() for r in reports]})

@@ -42,19 +42,24 @@ def gflops(model: nn.Module, example: torch.Tensor) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def median_latency_ms(model: nn.Module, example: torch.Tensor, runs: int) -> float:
-    """Median wall time of one forward pass, after warm-up; CUDA work is synchronised."""
+def median_latencies_ms(models: list[nn.Module], example: torch.Tensor, runs: int) -> list[float]:
+    """Median wall time of one forward pass per model, after warm-up.
+
+    Models are timed round-robin, one pass each in turn, so that warm-up effects and background load
+    fall on all of them alike: comparing a pruned model with its original is then fair.
+    """
     sync = torch.cuda.synchronize if example.is_cuda else (lambda: None)
-    times = []
+    times: list[list[float]] = [[] for _ in models]
     with torch.inference_mode():
         for i in range(WARMUP_RUNS + runs):
-            sync()
-            start = time.perf_counter()
-            model(example)
-            sync()
-            if i >= WARMUP_RUNS:
-                times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
+            for model, record in zip(models, times):
+                sync()
+                start = time.perf_counter()
+                model(example)
+                sync()
+                if i >= WARMUP_RUNS:
+                    record.append((time.perf_counter() - start) * 1e3)
+    return [statistics.median(record) for record in times]
 
 
 def file_size_mb(adapter: ModelAdapter) -> float:
@@ -65,18 +70,23 @@ def file_size_mb(adapter: ModelAdapter) -> float:
         return adapter.save(Path(tmp) / f"model{adapter.default_suffix}").stat().st_size / 2**20
 
 
-def measure_efficiency(adapter: ModelAdapter, *, imgsz: int, device: torch.device, runs: int = 10) -> Efficiency:
-    model = adapter.model.eval().cpu()
-    example = torch.rand(1, adapter.input_spec.channels, imgsz, imgsz)
-    device_ms = None
+def measure_efficiency(adapters: list[ModelAdapter], *, imgsz: int, device: torch.device, runs: int = 10) -> list[Efficiency]:
+    """Efficiency of several models measured together (latencies interleaved, see above)."""
+    models = [adapter.model.eval().cpu() for adapter in adapters]
+    example = torch.rand(1, adapters[0].input_spec.channels, imgsz, imgsz)
+    device_ms: list[float | None] = [None] * len(models)
     if device.type != "cpu":
-        device_ms = median_latency_ms(model.to(device), example.to(device), runs)
-        model.cpu()
-    return Efficiency(
-        params=count_params(model),
-        backbone_params=count_params(adapter.split().backbone),
-        gflops=gflops(model, example),
-        latency_cpu_ms=median_latency_ms(model, example, runs),
-        latency_device_ms=device_ms,
-        file_mb=file_size_mb(adapter),
-    )
+        device_ms = median_latencies_ms([m.to(device) for m in models], example.to(device), runs)
+        models = [m.cpu() for m in models]
+    cpu_ms = median_latencies_ms(models, example, runs)
+    return [
+        Efficiency(
+            params=count_params(model),
+            backbone_params=count_params(adapter.split().backbone),
+            gflops=gflops(model, example),
+            latency_cpu_ms=cpu,
+            latency_device_ms=dev,
+            file_mb=file_size_mb(adapter),
+        )
+        for adapter, model, cpu, dev in zip(adapters, models, cpu_ms, device_ms)
+    ]

@@ -48,11 +48,12 @@ def task_metrics(
     return adapter.evaluate(data, imgsz=imgsz, batch=batch, device=device)
 
 
-def evaluate_model(
-    adapter: ModelAdapter, data: EvalData, *, teacher: ModelAdapter | None, imgsz: int | None, batch: int,
+def evaluate_models(
+    adapters: list[ModelAdapter], data: EvalData, *, teacher: ModelAdapter | None, imgsz: int | None, batch: int,
     device: torch.device, latency_runs: int = 10,
-) -> ModelReport:
-    imgsz = imgsz or adapter.input_spec.imgsz
-    metrics = task_metrics(adapter, data, teacher=teacher, imgsz=imgsz, batch=batch, device=device)
-    efficiency = measure_efficiency(adapter, imgsz=imgsz, device=device, runs=latency_runs)
-    return ModelReport(adapter.name, adapter.family, adapter.task, metrics, efficiency)
+) -> list[ModelReport]:
+    """Task metric for each model, then efficiency for all of them together (comparable latencies)."""
+    size = imgsz or adapters[0].input_spec.imgsz
+    metrics = [task_metrics(a, data, teacher=teacher, imgsz=imgsz or a.input_spec.imgsz, batch=batch, device=device) for a in adapters]
+    efficiency = measure_efficiency(adapters, imgsz=size, device=device, runs=latency_runs)
+    return [ModelReport(a.name, a.family, a.task, m, e) for a, m, e in zip(adapters, metrics, efficiency)]

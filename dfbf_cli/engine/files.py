@@ -16,6 +16,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
     try:
         yield tmp
+        os.chmod(tmp, 0o644)  # some writers (safetensors) create owner-only files; results are for sharing
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

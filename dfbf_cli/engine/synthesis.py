@@ -1,0 +1,252 @@
+"""Data-free synthetic images: optimise noise until the backbone's BatchNorm statistics match.
+
+DeepInversion (Yin et al. 2020) as used by DFBF: at every BatchNorm layer of the *backbone*, the
+batch's per-channel mean and variance of the layer's input are pulled towards the layer's running
+statistics (the first layer weighted higher), with total-variation and L2 image priors, random
+jitter and flips each step, Adam with a cosine schedule per phase. An optional first phase works
+at half resolution (a large speed-up). Only the backbone is needed, so this serves every task; a
+classifier may add cross-entropy towards balanced target labels (recorded in the dataset).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, replace
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dfbf_cli.adapters.base import BackboneSplit, InputSpec, ModelAdapter
+from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
+
+REFERENCE_IMGSZ = 224  # jitter is given in pixels at this size and scaled with the image size
+
+
+@dataclass(frozen=True)
+class SynthesisSettings:
+    """Everything that decides what images come out (recorded in the dataset's manifest)."""
+
+    low_res_iterations: int = 200
+    iterations: int = 200
+    lr: float = 0.25
+    betas: tuple[float, float] = (0.5, 0.9)
+    bn_weight: float = 0.01
+    first_bn_multiplier: float = 10.0
+    tv_l2: float = 1e-4
+    l2: float = 1e-5
+    jitter: int = 30
+    flip: bool = True
+    class_weight: float = 1.0  # cross-entropy towards target labels (classifiers only; 0 disables)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "betas": list(self.betas)}
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A documented budget: how many images, how many steps, at most which size."""
+
+    num_images: int
+    max_imgsz: int | None
+    settings: SynthesisSettings
+
+
+PRESETS = {
+    "quick": Preset(32, 256, SynthesisSettings(low_res_iterations=50, iterations=50)),
+    "balanced": Preset(256, 320, SynthesisSettings(low_res_iterations=200, iterations=200)),
+    "paper": Preset(1024, None, SynthesisSettings(low_res_iterations=2000, iterations=1000)),
+}
+
+
+class BatchNormStatsLoss(contextlib.AbstractContextManager):
+    """Hooks every BatchNorm2d in a module; after a forward pass, :meth:`value` is the weighted sum over
+    layers of ||batch mean − running mean||₂ + ||batch var − running var||₂ of the layer's input."""
+
+    def __init__(self, module: nn.Module, first_multiplier: float):
+        self.layers = [m for m in module.modules() if isinstance(m, nn.BatchNorm2d)]
+        if not self.layers:
+            raise ValueError("the backbone has no BatchNorm2d layer to match statistics against")
+        self.weights = [first_multiplier] + [1.0] * (len(self.layers) - 1)
+        self.terms: list[torch.Tensor] = []
+        self.handles = [layer.register_forward_hook(self._hook) for layer in self.layers]
+
+    def _hook(self, layer: nn.BatchNorm2d, inputs: tuple[torch.Tensor, ...], _output) -> None:
+        x = inputs[0].float()
+        mean, var = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False)
+        self.terms.append(torch.linalg.vector_norm(layer.running_mean - mean) + torch.linalg.vector_norm(layer.running_var - var))
+
+    def value(self) -> torch.Tensor:
+        total = sum(w * t for w, t in zip(self.weights, self.terms))
+        self.terms = []
+        return total
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+def image_priors(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(total variation in L2 over 4 neighbour directions, L2 norm): smooth, bounded images."""
+    diffs = (x[..., :, :-1] - x[..., :, 1:], x[..., :-1, :] - x[..., 1:, :],
+             x[..., 1:, :-1] - x[..., :-1, 1:], x[..., :-1, :-1] - x[..., 1:, 1:])
+    return sum(torch.linalg.vector_norm(d) for d in diffs), torch.linalg.vector_norm(x)
+
+
+def _cosine_lr(base: float, step: int, total: int) -> float:
+    return 0.5 * base * (1 + math.cos(math.pi * step / max(total, 1)))
+
+
+@contextlib.contextmanager
+def frozen(module: nn.Module) -> Iterator[None]:
+    """Parameters without gradients (only the images are optimised), restored afterwards."""
+    flags = [p.requires_grad for p in module.parameters()]
+    training = module.training
+    module.eval().requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in zip(module.parameters(), flags):
+            p.requires_grad_(flag)
+        module.train(training)
+
+
+StepCallback = Callable[[int, float], None]  # (iterations done in this shard, current loss)
+
+
+def synthesize_batch(
+    split: BackboneSplit, spec: InputSpec, settings: SynthesisSettings, *, count: int, imgsz: int, seed: int,
+    device: torch.device, labels: torch.Tensor | None = None, on_step: StepCallback | None = None,
+) -> tuple[torch.Tensor, dict]:
+    """Optimise ``count`` images from noise; return them as uint8 N×3×H×W and loss statistics."""
+    generator = torch.Generator().manual_seed(seed)
+    rng = random.Random(seed)
+    x = torch.randn(count, 3, imgsz, imgsz, generator=generator).to(device).requires_grad_(True)
+    lower = spec.normalize(torch.zeros(1, 3, 1, 1, device=device))
+    upper = spec.normalize(torch.ones(1, 3, 1, 1, device=device))
+    jitter = max(1, round(settings.jitter * imgsz / REFERENCE_IMGSZ)) if settings.jitter else 0
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    phases = [(2, settings.low_res_iterations), (1, settings.iterations)]
+    phases = [(factor, n) for factor, n in phases if n > 0]
+    best, best_loss, done = x.detach().clone(), math.inf, 0
+    with frozen(split.backbone), frozen(split.head), BatchNormStatsLoss(split.backbone, settings.first_bn_multiplier) as bn:
+        bn_start = _bn_loss(split, bn, x, autocast)
+        for phase, (factor, iterations) in enumerate(phases):
+            optimizer = torch.optim.Adam([x], lr=settings.lr, betas=settings.betas, eps=1e-8)
+            final_phase = phase == len(phases) - 1
+            for step in range(iterations):
+                optimizer.param_groups[0]["lr"] = _cosine_lr(settings.lr, step, iterations)
+                inputs = F.avg_pool2d(x, factor) if factor > 1 else x
+                if jitter:
+                    shift = jitter // factor
+                    inputs = torch.roll(inputs, (rng.randint(-shift, shift), rng.randint(-shift, shift)), dims=(2, 3))
+                if settings.flip and rng.random() < 0.5:
+                    inputs = inputs.flip(3)
+                with autocast:
+                    features = split.backbone(inputs)
+                    class_loss = 0.0
+                    if labels is not None:
+                        class_loss = F.cross_entropy(split.head(features).float(), labels)
+                bn_loss = bn.value()
+                tv, norm = image_priors(inputs.float())
+                loss = settings.bn_weight * bn_loss + settings.tv_l2 * tv + settings.l2 * norm + settings.class_weight * class_loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                with torch.no_grad():
+                    x.copy_(torch.maximum(torch.minimum(x, upper), lower))
+                if final_phase and loss.item() < best_loss:
+                    best_loss, best = loss.item(), x.detach().clone()
+                done += 1
+                if on_step:
+                    on_step(done, loss.item())
+        bn_end = _bn_loss(split, bn, best, autocast)
+    return _to_uint8(best, spec), {"bn_loss_start": bn_start, "bn_loss_end": bn_end, "best_loss": best_loss}
+
+
+@torch.no_grad()
+def _bn_loss(split: BackboneSplit, bn: BatchNormStatsLoss, x: torch.Tensor, autocast) -> float:
+    """The BatchNorm-statistics loss of images at full resolution, without jitter: comparable across settings."""
+    with autocast:
+        split.backbone(x)
+    return bn.value().item()
+
+
+def _to_uint8(x: torch.Tensor, spec: InputSpec) -> torch.Tensor:
+    mean = torch.tensor(spec.mean, device=x.device).view(1, -1, 1, 1)
+    std = torch.tensor(spec.std, device=x.device).view(1, -1, 1, 1)
+    return (x * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
+
+
+def shard_seed(seed: int, shard_index: int) -> int:
+    """Each shard has its own seed, so a resumed run makes the same images as an uninterrupted one."""
+    return (seed * 1_000_003 + shard_index) % 2**63
+
+
+def balanced_labels(start: int, count: int, num_classes: int) -> torch.Tensor:
+    return (torch.arange(start, start + count) % num_classes).long()
+
+
+@dataclass
+class SynthesisPlan:
+    """The dataset being filled, the settings it was made with, and the shards still to make."""
+
+    dataset: SyntheticDataset
+    settings: SynthesisSettings
+    seed: int
+    classes: int | None
+    shard_sizes: list[int]
+
+    @property
+    def total_iterations(self) -> int:
+        return len(self.shard_sizes) * (self.settings.low_res_iterations + self.settings.iterations)
+
+
+def plan_synthesis(
+    adapter: ModelAdapter, out, *, num_images: int, imgsz: int, batch: int, settings: SynthesisSettings, seed: int
+) -> SynthesisPlan:
+    """Open (or continue) the dataset at ``out`` and work out which shards are still to be made."""
+    classes = adapter.synthesis_classes() if settings.class_weight > 0 else None
+    if classes is None:
+        settings = replace(settings, class_weight=0.0)
+    dataset = SyntheticDataset.create_or_resume(
+        out,
+        teacher={"name": adapter.name, "family": adapter.family, "task": adapter.task, "fingerprint": adapter.fingerprint()},
+        input_spec=adapter.input_spec.to_dict(), imgsz=imgsz, generation={**settings.to_dict(), "seed": seed},
+    )
+    remaining = max(0, num_images - dataset.num_images)
+    sizes = [min(batch, remaining - start) for start in range(0, remaining, batch)]
+    return SynthesisPlan(dataset, settings, seed, classes, sizes)
+
+
+def run_synthesis(
+    adapter: ModelAdapter, plan: SynthesisPlan, *, device: torch.device,
+    on_step: Callable[[int, int, float, float], None] | None = None,
+) -> SyntheticDataset:
+    """Make the planned shards one by one; each is on disk (and in the manifest) once finished.
+
+    ``on_step(shard_number, iterations_done, loss, image_iterations_per_second)`` reports progress.
+    """
+    dataset, classes = plan.dataset, plan.classes
+    split = adapter.split()
+    adapter.model.to(device)
+    for number, count in enumerate(plan.shard_sizes):
+        index = len(dataset.manifest["shards"])
+        labels = balanced_labels(dataset.num_images, count, classes).to(device) if classes else None
+        started = time.perf_counter()
+
+        def report(done: int, loss: float, number=number, count=count, started=started) -> None:
+            if on_step:
+                on_step(number, done, loss, count * done / max(time.perf_counter() - started, 1e-9))
+
+        images, stats = synthesize_batch(
+            split, adapter.input_spec, plan.settings, count=count, imgsz=dataset.imgsz, seed=shard_seed(plan.seed, index),
+            device=device, labels=labels, on_step=report,
+        )
+        stats["seconds"] = round(time.perf_counter() - started, 3)
+        dataset.add_shard(images, None if labels is None else labels.cpu(), stats)
+    return dataset

@@ -1,0 +1,163 @@
+"""The on-disk synthetic dataset: generated once, shared by every later stage and run.
+
+Layout of a dataset directory::
+
+    dataset.json           manifest: format version, teacher fingerprint, input spec, generation
+                           parameters, and one entry (file, count, sha256) per finished shard
+    shard-00000.safetensors  ``images`` (uint8 N×3×H×W) and, for classifiers, ``labels`` (int64 N)
+    preview.png            a grid of the first images, for a person to look at
+
+Shards are written atomically and the manifest is rewritten after each one, so an interrupted
+run leaves a valid dataset of its finished shards, and the next run continues from there.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from dfbf_cli import __version__
+from dfbf_cli.engine.files import atomic_path, sha256_file
+from dfbf_cli.errors import DfbfError
+
+FORMAT = "dfbf-synthetic"
+FORMAT_VERSION = 1
+MANIFEST = "dataset.json"
+PREVIEW = "preview.png"
+PREVIEW_IMAGES = 16
+
+
+@dataclass
+class SyntheticDataset:
+    """A dataset directory and its manifest (a plain dict, exactly what is in ``dataset.json``)."""
+
+    root: Path
+    manifest: dict
+
+    @property
+    def num_images(self) -> int:
+        return sum(shard["count"] for shard in self.manifest["shards"])
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["teacher"]["fingerprint"]
+
+    @property
+    def imgsz(self) -> int:
+        return int(self.manifest["imgsz"])
+
+    # -- writing ---------------------------------------------------------------------------
+
+    @classmethod
+    def create_or_resume(cls, root: Path, *, teacher: dict, input_spec: dict, imgsz: int, generation: dict) -> SyntheticDataset:
+        """Open ``root`` to add shards: new if empty, resumed if it holds the same generation settings."""
+        if (root / MANIFEST).exists():
+            dataset = cls.open(root)
+            dataset.check_teacher(teacher["fingerprint"], allow_mismatch=False)
+            previous = dataset.manifest["generation"]
+            if previous != generation or dataset.imgsz != imgsz:
+                changed = sorted(k for k in {*previous, *generation} if previous.get(k) != generation.get(k))
+                changed += ["imgsz"] if dataset.imgsz != imgsz else []
+                raise DfbfError(
+                    f"{root} holds a dataset generated with other settings ({', '.join(changed)} differ); "
+                    "use another --out, or the same settings to continue it."
+                )
+            dataset.verify()
+            return dataset
+        if root.exists() and any(root.iterdir()):
+            raise DfbfError(f"{root} exists and is not a dfbf synthetic dataset; choose an empty or new --out.")
+        root.mkdir(parents=True, exist_ok=True)
+        manifest = {
+            "format": FORMAT, "format_version": FORMAT_VERSION, "dfbf_version": __version__,
+            "teacher": teacher, "input_spec": input_spec, "imgsz": imgsz, "generation": generation, "shards": [],
+        }
+        dataset = cls(root, manifest)
+        dataset._write_manifest()
+        return dataset
+
+    def add_shard(self, images: torch.Tensor, labels: torch.Tensor | None, stats: dict) -> None:
+        """Write one shard (uint8 N×3×H×W images) atomically, then record it in the manifest."""
+        name = f"shard-{len(self.manifest['shards']):05d}.safetensors"
+        tensors = {"images": images.contiguous()}
+        if labels is not None:
+            tensors["labels"] = labels.to(torch.int64).contiguous()
+        with atomic_path(self.root / name) as tmp:
+            save_file(tensors, str(tmp))
+        self.manifest["shards"].append({"file": name, "count": len(images), "sha256": sha256_file(self.root / name), **stats})
+        self._write_manifest()
+        if len(self.manifest["shards"]) == 1 or self.num_images - len(images) < PREVIEW_IMAGES:
+            self._write_preview()
+
+    def _write_manifest(self) -> None:
+        self.manifest["num_images"] = self.num_images
+        with atomic_path(self.root / MANIFEST) as tmp:
+            tmp.write_text(json.dumps(self.manifest, indent=2) + "\n")
+
+    def _write_preview(self) -> None:
+        from torchvision.utils import save_image
+
+        first = torch.cat([shard["images"] for shard in self.shards(verify=False)])[:PREVIEW_IMAGES]
+        with atomic_path(self.root / PREVIEW) as tmp:
+            save_image(first.float() / 255, str(tmp), nrow=4, padding=2, format="png")
+
+    # -- reading ---------------------------------------------------------------------------
+
+    @classmethod
+    def open(cls, root: Path) -> SyntheticDataset:
+        path = Path(root) / MANIFEST
+        if not path.is_file():
+            raise DfbfError(f"{root} is not a dfbf synthetic dataset (no {MANIFEST}); create one with 'dfbf synthesize'.")
+        try:
+            manifest = json.loads(path.read_text())
+        except json.JSONDecodeError as error:
+            raise DfbfError(f"{path} is not valid JSON ({error}); the dataset's manifest is damaged.") from error
+        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+            raise DfbfError(
+                f"{path} is format {manifest.get('format')} v{manifest.get('format_version')}; "
+                f"this dfbf reads {FORMAT} v{FORMAT_VERSION}."
+            )
+        return cls(Path(root), manifest)
+
+    def check_teacher(self, fingerprint: str, *, allow_mismatch: bool) -> None:
+        """Refuse a dataset dreamt up by another model, unless the user explicitly allows it."""
+        if fingerprint != self.fingerprint and not allow_mismatch:
+            made_by = self.manifest["teacher"].get("name", "another model")
+            raise DfbfError(
+                f"{self.root} was synthesised from {made_by} (fingerprint {self.fingerprint[:12]}…), not from this "
+                f"model ({fingerprint[:12]}…); pass --allow-teacher-mismatch to use it anyway."
+            )
+
+    def verify(self) -> None:
+        """Check every shard against its recorded sha256; name the first one that is damaged."""
+        for shard in self.manifest["shards"]:
+            path = self.root / shard["file"]
+            if not path.is_file():
+                raise DfbfError(f"Shard {path} is listed in {MANIFEST} but missing.")
+            if sha256_file(path) != shard["sha256"]:
+                raise DfbfError(f"Shard {path} is corrupt or truncated (checksum mismatch); delete the dataset or regenerate it.")
+
+    def shards(self, *, verify: bool = True) -> Iterator[dict[str, torch.Tensor]]:
+        """Each shard's tensors (``images`` and maybe ``labels``), checked against its checksum."""
+        for shard in self.manifest["shards"]:
+            path = self.root / shard["file"]
+            if verify and (not path.is_file() or sha256_file(path) != shard["sha256"]):
+                raise DfbfError(f"Shard {path} is missing, corrupt or truncated (checksum mismatch).")
+            try:
+                yield load_file(str(path))
+            except (SafetensorError, OSError) as error:
+                raise DfbfError(f"Shard {path} cannot be read: {error}.") from error
+
+    def load(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """All images (uint8 N×3×H×W) and labels (or None), verified."""
+        shards = list(self.shards())
+        if not shards:
+            raise DfbfError(f"{self.root} holds no images yet; run 'dfbf synthesize' to fill it.")
+        images = torch.cat([s["images"] for s in shards])
+        labels = torch.cat([s["labels"] for s in shards]) if all("labels" in s for s in shards) else None
+        return images, labels
