@@ -10,18 +10,17 @@ Needs ../shared/assets. Prints a markdown report; docs/synthesis.md holds the fi
 from __future__ import annotations
 
 import argparse
-import platform
 import time
-from pathlib import Path
 
 import torch
+
+from common import asset, machine
 
 from dfbf_cli.adapters import load_model
 from dfbf_cli.engine.synthesis import SynthesisSettings, synthesize_batch
 
-ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets" / "models"
-YOLO = (str(ASSETS / "yolo11n-pose.pt"), None)
-RESNET56 = ("cifar-resnet56", str(ASSETS / "cifar10-resnet56.th"))
+YOLO = (str(asset("models/yolo11n-pose.pt")), None)
+RESNET56 = ("cifar-resnet56", str(asset("models/cifar10-resnet56.th")))
 
 
 def run(model, *, imgsz: int, count: int, low: int, full: int, device: torch.device) -> tuple[float, dict]:
@@ -38,8 +37,7 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every iteration count (GPU: try 10)")
     args = parser.parse_args()
     device, k = torch.device(args.device), args.scale
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"{platform.processor() or 'CPU'}, {torch.get_num_threads()} threads"
-    print(f"device: {name}; torch {torch.__version__}; mixed precision (bf16): {device.type == 'cuda'}\n")
+    print(f"machine: {machine(device)}; mixed precision (bf16): {device.type == 'cuda'}\n")
     print("| model | px | images | iterations | seconds | image·iterations/s |\n|---|---|---|---|---|---|")
     for label, model, imgsz, count, iters in [("yolo11n-pose", YOLO, 320, 8, 20), ("yolo11n-pose", YOLO, 640, 4, 10),
                                               ("CIFAR ResNet-56", RESNET56, 32, 64, 30)]:

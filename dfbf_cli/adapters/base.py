@@ -80,6 +80,10 @@ class ModelAdapter(ABC):
         return clone
 
     @abstractmethod
+    def reload(self, path: Path) -> ModelAdapter:
+        """Load a file that :meth:`save` wrote for this kind of model (pruned shapes included)."""
+
+    @abstractmethod
     def split(self) -> BackboneSplit:
         """Cut the model into backbone and head."""
 

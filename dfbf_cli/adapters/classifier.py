@@ -221,6 +221,9 @@ class ClassifierAdapter(ModelAdapter):
             head_modules=head_names,
         )
 
+    def reload(self, path: Path) -> ClassifierAdapter:
+        return load_classifier(self.name, str(path))
+
     def channel_groups(self) -> list[ChannelGroup]:
         """Block-internal channels of residual blocks (the residual stream keeps its width); for VGG,
         every conv output but the last (which the classifier reads)."""

@@ -190,6 +190,9 @@ class YoloAdapter(ModelAdapter):
             head_modules=[f"model.{i}" for i in range(n, len(layers))],
         )
 
+    def reload(self, path: Path) -> YoloAdapter:
+        return load_yolo(str(path))
+
     def channel_groups(self) -> list[ChannelGroup]:
         """Block-internal hidden channels, plus the interface between two backbone layers wherever the
         first layer's output is read only by the next (never the tensors the neck/head reads)."""

@@ -36,10 +36,12 @@ def root(
     """Compress trained vision models without their training data."""
 
 
-from dfbf_cli.cli import evaluate, prune, synthesize  # noqa: E402
+from dfbf_cli.cli import compress, evaluate, finetune, prune, synthesize  # noqa: E402
 
+app.command("compress")(compress.compress_command)
 app.command("synthesize")(synthesize.synthesize_command)
 app.command("prune")(prune.prune_command)
+app.command("finetune")(finetune.finetune_command)
 app.command("eval")(evaluate.eval_command)
 
 

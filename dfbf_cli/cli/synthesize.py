@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from dfbf_cli.adapters import load_model
+from dfbf_cli.adapters import ModelAdapter, load_model
 from dfbf_cli.cli.common import DeviceOption, JsonOption, QuietOption, SeedOption, WeightsOption, session
-from dfbf_cli.engine.synthesis import PRESETS, plan_synthesis, run_synthesis
+from dfbf_cli.engine.presets import PRESETS
+from dfbf_cli.engine.synthesis import SynthesisPlan, plan_synthesis, run_synthesis
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
 from dfbf_cli.errors import DfbfError
 
@@ -35,6 +37,25 @@ def manifest_table(dataset: SyntheticDataset) -> Table:
     for row in rows:
         table.add_row(*row)
     return table
+
+
+def run_synthesis_with_progress(ctx, adapter: ModelAdapter, plan: SynthesisPlan) -> SyntheticDataset:
+    """Fill the planned shards with a progress bar (shared by ``synthesize`` and ``compress``)."""
+    existing = plan.dataset.num_images
+    if not ctx.quiet:
+        ctx.console.print(
+            f"Synthesising {sum(plan.shard_sizes)} image(s) at {plan.dataset.imgsz} px from {adapter.describe()} "
+            f"on {ctx.device} into {plan.dataset.root} ({existing} already there).", highlight=False,
+        )
+    steps = plan.settings.low_res_iterations + plan.settings.iterations
+    with ctx.progress() as progress:
+        task = progress.add_task("synthesize", total=plan.total_iterations, status="")
+
+        def on_step(shard: int, done: int, loss: float, rate: float) -> None:
+            progress.update(task, completed=shard * steps + done,
+                            status=f"batch {shard + 1}/{len(plan.shard_sizes)} · it {done}/{steps} · loss {loss:.3f} · {rate:.0f} img·it/s")
+
+        return run_synthesis(adapter, plan, device=ctx.device, on_step=on_step)
 
 
 def synthesize_command(
@@ -78,29 +99,14 @@ def synthesize_command(
             raise DfbfError(f"Unknown preset '{preset}'; choose one of {', '.join(PRESETS)}.")
         chosen = PRESETS[preset]
         adapter = load_model(model, weights)
-        size = imgsz or min(adapter.input_spec.imgsz, chosen.max_imgsz or adapter.input_spec.imgsz)
-        settings = chosen.settings
-        if iterations is not None or low_res_iterations is not None:
-            from dataclasses import replace
-
-            settings = replace(settings, iterations=iterations if iterations is not None else settings.iterations,
-                               low_res_iterations=low_res_iterations if low_res_iterations is not None else settings.low_res_iterations)
-        wanted = num_images or chosen.num_images
+        size = imgsz or chosen.imgsz(adapter.input_spec.imgsz)
+        settings = replace(
+            chosen.synthesis,
+            iterations=chosen.synthesis.iterations if iterations is None else iterations,
+            low_res_iterations=chosen.synthesis.low_res_iterations if low_res_iterations is None else low_res_iterations,
+        )
+        wanted = num_images or chosen.num_images(size)
         plan = plan_synthesis(adapter, out, num_images=wanted, imgsz=size, batch=batch, settings=settings, seed=seed)
-        existing = plan.dataset.num_images
-        if not quiet:
-            ctx.console.print(
-                f"Synthesising {wanted - existing if wanted > existing else 0} image(s) at {size} px from {adapter.describe()} "
-                f"on {ctx.device} into {out} ({existing} already there).", highlight=False,
-            )
-        with ctx.progress() as progress:
-            task = progress.add_task("synthesize", total=plan.total_iterations, status="")
-            steps = plan.settings.low_res_iterations + plan.settings.iterations
-
-            def on_step(shard: int, done: int, loss: float, rate: float) -> None:
-                progress.update(task, completed=shard * steps + done,
-                                status=f"batch {shard + 1}/{len(plan.shard_sizes)} · it {done}/{steps} · loss {loss:.3f} · {rate:.0f} img·it/s")
-
-            dataset = run_synthesis(adapter, plan, device=ctx.device, on_step=on_step)
+        dataset = run_synthesis_with_progress(ctx, adapter, plan)
         ctx.console.print(manifest_table(dataset))
         ctx.emit({"command": "synthesize", "out": str(out), "num_images": dataset.num_images, "manifest": dataset.manifest})

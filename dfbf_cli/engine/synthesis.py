@@ -47,22 +47,6 @@ class SynthesisSettings:
         return {**asdict(self), "betas": list(self.betas)}
 
 
-@dataclass(frozen=True)
-class Preset:
-    """A documented budget: how many images, how many steps, at most which size."""
-
-    num_images: int
-    max_imgsz: int | None
-    settings: SynthesisSettings
-
-
-PRESETS = {
-    "quick": Preset(32, 256, SynthesisSettings(low_res_iterations=50, iterations=50)),
-    "balanced": Preset(256, 320, SynthesisSettings(low_res_iterations=200, iterations=200)),
-    "paper": Preset(1024, None, SynthesisSettings(low_res_iterations=2000, iterations=1000)),
-}
-
-
 class BatchNormStatsLoss(contextlib.AbstractContextManager):
     """Hooks every BatchNorm2d in a module; after a forward pass, :meth:`value` is the weighted sum over
     layers of ||batch mean − running mean||₂ + ||batch var − running var||₂ of the layer's input."""

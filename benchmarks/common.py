@@ -1,0 +1,33 @@
+"""Helpers shared by the benchmark scripts: where the assets are, and a private copy of YOLO datasets."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import torch
+
+ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
+
+
+def asset(relative: str) -> Path:
+    path = ASSETS / relative
+    if not path.exists():
+        sys.exit(f"needs {path}: run on a machine with the project's shared assets")
+    return path
+
+
+def private_copy(dataset: str) -> Path:
+    """Copy a small YOLO dataset to a temporary folder (Ultralytics writes label caches beside it)."""
+    target = Path(tempfile.mkdtemp(prefix="dfbf-bench-")) / dataset
+    shutil.copytree(asset(f"data/{dataset}"), target)
+    return target / "data.yaml"
+
+
+def machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"

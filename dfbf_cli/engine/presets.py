@@ -1,0 +1,35 @@
+"""Named budgets for synthesis and fine-tuning (``--preset``), shared by ``synthesize`` and ``compress``.
+
+Small inputs (CIFAR's 32 px) are cheap to synthesise, so they get many more images than large
+ones (YOLO's hundreds of pixels); the split is by input size alone, never by task.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from dfbf_cli.engine.synthesis import SynthesisSettings
+
+SMALL_INPUT = 64  # px: at most this is a "small" input
+
+
+@dataclass(frozen=True)
+class Preset:
+    images_small: int
+    images_large: int
+    max_imgsz: int | None  # synthesis and fine-tuning size cap for large inputs (None: the model's own)
+    synthesis: SynthesisSettings
+    epochs: int
+
+    def num_images(self, imgsz: int) -> int:
+        return self.images_small if imgsz <= SMALL_INPUT else self.images_large
+
+    def imgsz(self, model_imgsz: int) -> int:
+        return min(model_imgsz, self.max_imgsz or model_imgsz)
+
+
+PRESETS = {
+    "quick": Preset(256, 16, 256, SynthesisSettings(low_res_iterations=50, iterations=50), epochs=5),
+    "balanced": Preset(1024, 128, 320, SynthesisSettings(low_res_iterations=100, iterations=100), epochs=30),
+    "paper": Preset(4096, 512, None, SynthesisSettings(low_res_iterations=2000, iterations=1000), epochs=100),
+}

@@ -1,0 +1,157 @@
+"""Fine-tuning recovers features on synthetic images; compress runs end to end and resumes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+import dfbf_cli.engine.finetune as finetune_module
+from dfbf_cli.adapters import load_model
+from tests.conftest import shared_asset
+
+QUIET = ["--device", "cpu", "-q"]
+
+
+@pytest.fixture(scope="module")
+def r20():
+    return ["cifar-resnet20", "--weights", str(shared_asset("models/cifar10-resnet20.th"))]
+
+
+@pytest.fixture(scope="module")
+def tiny_synthetic(tmp_path_factory, r20):
+    """16 synthetic 32-px images from the real ResNet-20 (a few iterations: enough to exercise the stages)."""
+    from dfbf_cli.engine.synthesis import SynthesisSettings, plan_synthesis, run_synthesis
+
+    out = tmp_path_factory.mktemp("synth") / "r20"
+    teacher = load_model(r20[0], r20[2])
+    plan = plan_synthesis(teacher, out, num_images=16, imgsz=32, batch=8, settings=SynthesisSettings(5, 10), seed=0)
+    run_synthesis(teacher, plan, device=torch.device("cpu"))
+    return out
+
+
+@pytest.fixture(scope="module")
+def pruned_r20(tmp_path_factory, r20):
+    from dfbf_cli.engine.pruning import PruneSettings, prune
+
+    path = tmp_path_factory.mktemp("pruned") / "r20-p50.safetensors"
+    pruned, _ = prune(load_model(r20[0], r20[2]), PruneSettings(0.5))
+    pruned.save(path)
+    return path
+
+
+def _finetune(run_cli, pruned, synthetic, out, *extra):
+    return run_cli("finetune", pruned, "--teacher", "cifar-resnet20", "--teacher-weights", shared_asset("models/cifar10-resnet20.th"),
+                   "--data", synthetic, "--out", out, "--batch", "8", *extra, *QUIET)
+
+
+def test_finetune_lowers_the_feature_loss_and_keeps_the_original_head(run_cli, tmp_path, tiny_synthetic, pruned_r20, r20):
+    out = tmp_path / "ft.safetensors"
+    result = _finetune(run_cli, pruned_r20, tiny_synthetic, out, "--epochs", "20", "--json")
+    assert result.code == 0, result.stderr
+    history = json.loads(result.stdout)["history"]
+    losses = [epoch["loss"] for epoch in history]
+    assert losses[-1] < losses[len(losses) // 2] < losses[0] and losses[-1] < 0.9 * losses[0]
+    student, teacher = load_model(str(out)), load_model(r20[0], r20[2])
+    assert torch.equal(student.model.linear.weight, teacher.model.linear.weight)
+    assert torch.equal(student.model.linear.bias, teacher.model.linear.bias)
+    assert student.model.layer1[0].conv1.out_channels == 8  # still pruned
+    assert not (tmp_path / "ft.finetune-state.pt").exists()  # the checkpoint goes once the model is written
+
+
+def test_interrupted_finetune_resumes_to_the_same_model(run_cli, tmp_path, tiny_synthetic, pruned_r20, monkeypatch):
+    reference = tmp_path / "reference.safetensors"
+    assert _finetune(run_cli, pruned_r20, tiny_synthetic, reference, "--epochs", "3").code == 0
+
+    out = tmp_path / "resumed.safetensors"
+    real_augment, calls = finetune_module.augment, {"n": 0}
+
+    def augment_then_die(*args):
+        calls["n"] += 1
+        if calls["n"] == 3:  # first step of epoch 2 (2 steps per epoch)
+            raise KeyboardInterrupt
+        return real_augment(*args)
+
+    monkeypatch.setattr(finetune_module, "augment", augment_then_die)
+    assert _finetune(run_cli, pruned_r20, tiny_synthetic, out, "--epochs", "3").code == 130
+    monkeypatch.setattr(finetune_module, "augment", real_augment)
+    state = tmp_path / "resumed.finetune-state.pt"
+    assert state.exists() and not out.exists()
+    refused = _finetune(run_cli, pruned_r20, tiny_synthetic, out, "--epochs", "3")
+    assert refused.code == 2 and "--resume" in refused.stderr
+    assert _finetune(run_cli, pruned_r20, tiny_synthetic, out, "--epochs", "3", "--resume").code == 0
+    for a, b in zip(load_model(str(out)).model.state_dict().values(), load_model(str(reference)).model.state_dict().values()):
+        torch.testing.assert_close(a, b)
+
+
+def test_teacher_student_mismatch_is_refused(run_cli, tmp_path, tiny_synthetic, pruned_r20):
+    wrong_arch = run_cli("finetune", pruned_r20, "--teacher", "cifar-resnet56", "--teacher-weights", shared_asset("models/cifar10-resnet56.th"),
+                         "--data", tiny_synthetic, "--out", tmp_path / "x.safetensors", "--allow-teacher-mismatch", *QUIET)
+    assert wrong_arch.code == 2 and "feature taps" in wrong_arch.stderr
+    wrong_family = run_cli("finetune", pruned_r20, "--teacher", "yolov8n-cls.yaml", "--data", tiny_synthetic,
+                           "--out", tmp_path / "y.safetensors", "--allow-teacher-mismatch", *QUIET)
+    assert wrong_family.code == 2 and "same family and task" in wrong_family.stderr
+    wrong_weights = run_cli("finetune", pruned_r20, "--teacher", "cifar-resnet20", "--data", tiny_synthetic,
+                            "--out", tmp_path / "z.safetensors", *QUIET)
+    assert wrong_weights.code == 2 and "--allow-teacher-mismatch" in wrong_weights.stderr
+
+
+@pytest.fixture(scope="module")
+def class_balanced_npz(tmp_path_factory):
+    """200 test images, 20 per class (the file is sorted by class: sample across it)."""
+    with np.load(shared_asset("data/cifar10-test-dev.npz")) as archive:
+        x, y = archive["x"], archive["y"]
+    index = np.concatenate([np.flatnonzero(y == c)[:20] for c in range(10)])
+    path = tmp_path_factory.mktemp("data") / "subset.npz"
+    np.savez(path, x=x[index], y=y[index])
+    return path
+
+
+def test_compress_reuses_a_synthetic_dataset_and_gates_on_max_drop(run_cli, tmp_path, tiny_synthetic, r20, class_balanced_npz):
+    run_dir = tmp_path / "run"
+    args = ["compress", *r20, "--ratio", "0.9", "--synthetic", tiny_synthetic, "--data", class_balanced_npz,
+            "--out", run_dir, "--epochs", "1", *QUIET]
+    first = run_cli(*args, "--json")
+    assert first.code == 0, first.stderr
+    report = json.loads(first.stdout)
+    assert not (run_dir / "synthetic").exists()  # reused, not regenerated
+    for name in ("compressed.th", "pruned.th", "report.json", "report.md", "report.png", "run.json"):
+        assert (run_dir / name).exists(), name
+    drop = report["metric_drop"]
+    assert drop["metric"] == "top1" and drop["drop"] > 5  # 90 % of the channels gone, one tiny epoch
+    assert report["models"]["compressed"]["efficiency"]["params"] < report["models"]["original"]["efficiency"]["params"]
+    stamp = (run_dir / "compressed.th").stat().st_mtime_ns
+
+    gated = run_cli(*args, "--max-drop", str(drop["drop"] / 2))
+    assert gated.code == 1 and "more than --max-drop" in gated.stderr
+    assert run_cli(*args, "--max-drop", str(drop["drop"] + 1)).code == 0
+    assert (run_dir / "compressed.th").stat().st_mtime_ns == stamp  # finished stages are not redone
+
+    other = run_cli("compress", *r20, "--ratio", "0.5", "--synthetic", tiny_synthetic, "--out", run_dir, *QUIET)
+    assert other.code == 2 and "ratio" in other.stderr
+
+
+def test_compress_yolo_end_to_end_loads_in_stock_ultralytics(run_cli, tmp_path, dataset_copy):
+    model = shared_asset("models/yolo11n-pose.pt")
+    synthetic = tmp_path / "synth"
+    assert run_cli("synthesize", model, "--out", synthetic, "--num-images", "4", "--batch", "4", "--imgsz", "64",
+                   "--iterations", "2", "--low-res-iterations", "1", *QUIET).code == 0
+    data = dataset_copy("coco8-pose")
+    result = run_cli("compress", model, "--ratio", "0.3", "--synthetic", synthetic, "--data", data, "--out", tmp_path / "run",
+                     "--epochs", "1", "--imgsz", "64", "--json", *QUIET)
+    assert result.code == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert set(report["models"]) == {"original", "pruned", "compressed"}
+    assert "pose_map50_95" in report["models"]["compressed"]["metrics"]
+    script = (
+        "import sys, numpy as np\n"
+        "from ultralytics import YOLO\n"
+        f"results = YOLO({str(tmp_path / 'run' / 'compressed.pt')!r}).predict(np.zeros((64, 64, 3), np.uint8), imgsz=64, verbose=False)\n"
+        "assert 'dfbf_cli' not in sys.modules and results[0].keypoints is not None\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
