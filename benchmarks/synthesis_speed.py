@@ -13,7 +13,6 @@ import argparse
 import time
 
 import torch
-
 from common import asset, machine
 
 from dfbf_cli.adapters import load_model

@@ -21,6 +21,19 @@ def shared_asset(relative: str) -> Path:
     return path
 
 
+def cifar_subset(per_class: int):
+    """The first ``per_class`` images of each class of the CIFAR dev file (it is sorted by class)."""
+    import numpy as np
+
+    from dfbf_cli.engine.data import LabelledImages
+
+    source = shared_asset("data/cifar10-test-dev.npz")
+    with np.load(source) as archive:
+        x, y = archive["x"], archive["y"]
+    index = np.concatenate([np.flatnonzero(y == c)[:per_class] for c in range(10)])
+    return LabelledImages(source, labels=y[index], arrays=x[index])
+
+
 @pytest.fixture(scope="session")
 def dataset_copy(tmp_path_factory):
     """Copy a small shared YOLO dataset to a temporary folder, so Ultralytics' label caches land there."""

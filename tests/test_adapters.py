@@ -114,6 +114,7 @@ def test_classifier_round_trip_keeps_a_shrunk_architecture(tmp_path, suffix):
         ("resnet18", None, "Unknown model"),
         ("torchvision:alexnet", None, "Unsupported torchvision model"),
         ("cifar-resnet7", None, "Unknown CIFAR ResNet"),
+        ("yolov8n-seg.yaml", None, "dfbf supports detect, pose, classify"),
         ("cifar-resnet20", "nowhere.th", "does not exist"),
         ("torchvision:resnet18", "cifar-resnet56-as-weights", "do not fit"),
     ],

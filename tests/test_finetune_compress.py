@@ -12,7 +12,7 @@ import torch
 
 import dfbf_cli.engine.finetune as finetune_module
 from dfbf_cli.adapters import load_model
-from tests.conftest import shared_asset
+from tests.conftest import cifar_subset, shared_asset
 
 QUIET = ["--device", "cpu", "-q"]
 
@@ -103,11 +103,9 @@ def test_teacher_student_mismatch_is_refused(run_cli, tmp_path, tiny_synthetic, 
 @pytest.fixture(scope="module")
 def class_balanced_npz(tmp_path_factory):
     """200 test images, 20 per class (the file is sorted by class: sample across it)."""
-    with np.load(shared_asset("data/cifar10-test-dev.npz")) as archive:
-        x, y = archive["x"], archive["y"]
-    index = np.concatenate([np.flatnonzero(y == c)[:20] for c in range(10)])
+    subset = cifar_subset(20)
     path = tmp_path_factory.mktemp("data") / "subset.npz"
-    np.savez(path, x=x[index], y=y[index])
+    np.savez(path, x=subset.arrays, y=subset.labels)
     return path
 
 

@@ -122,6 +122,10 @@ class ModelAdapter(ABC):
     ) -> dict[str, float]:
         """How closely this model follows ``teacher`` on unlabelled images."""
 
+    @abstractmethod
+    def robustness(self, data: EvalData, *, imgsz: int, batch: int, device: torch.device) -> dict[str, float]:
+        """The task metric under perturbed inputs (FGSM, Gaussian noise), keyed by metric and perturbation."""
+
     def synthesis_classes(self) -> int | None:
         """Number of classes for class-conditional synthesis, or None where the task has no such target."""
         return None

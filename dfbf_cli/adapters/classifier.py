@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
@@ -178,6 +179,30 @@ def classification_accuracy(scores: Scorer, data: LabelledImages, *, imgsz: int,
     return {"top1": 100.0 * top1 / len(data), "top5": 100.0 * top5 / len(data)}
 
 
+ROBUSTNESS_EPSILONS = (0.01, 0.05)  # FGSM step in [0, 1] pixel units
+NOISE_SIGMA = 0.05  # Gaussian noise standard deviation in [0, 1] pixel units
+
+
+def classification_robustness(
+    scores: Scorer, data: LabelledImages, *, imgsz: int, batch: int, epsilons: tuple[float, ...] = ROBUSTNESS_EPSILONS,
+    sigma: float = NOISE_SIGMA, seed: int = 0,
+) -> dict[str, float]:
+    """Top-1 (percent) under FGSM on the cross-entropy (one step of size ε per pixel) and under noise."""
+    generator = torch.Generator().manual_seed(seed)
+    correct = {f"top1_fgsm_{eps:g}": 0 for eps in epsilons} | {f"top1_noise_{sigma:g}": 0}
+    for images, labels in data.batches(imgsz, batch):
+        images.requires_grad_(True)
+        logits = scores(images)
+        (gradient,) = torch.autograd.grad(F.cross_entropy(logits, labels.to(logits.device)), images)
+        with torch.no_grad():
+            for eps in epsilons:
+                attacked = (images + eps * gradient.sign()).clamp(0, 1)
+                correct[f"top1_fgsm_{eps:g}"] += (scores(attacked).argmax(1).cpu() == labels).sum().item()
+            noisy = (images + sigma * torch.randn(images.shape, generator=generator)).clamp(0, 1)
+            correct[f"top1_noise_{sigma:g}"] += (scores(noisy).argmax(1).cpu() == labels).sum().item()
+    return {name: 100.0 * count / len(data) for name, count in correct.items()}
+
+
 @torch.inference_mode()
 def top1_agreement(student: Scorer, teacher: Scorer, images: ImageFolder, *, imgsz: int, batch: int) -> dict[str, float]:
     """Percentage of images on which student and teacher pick the same class."""
@@ -285,3 +310,8 @@ class ClassifierAdapter(ModelAdapter):
 
     def agreement(self, teacher: ModelAdapter, images: ImageFolder, *, imgsz: int, batch: int, device: torch.device) -> dict[str, float]:
         return top1_agreement(self.scorer(device), teacher.scorer(device), images, imgsz=imgsz, batch=batch)
+
+    def robustness(self, data: EvalData, *, imgsz: int, batch: int, device: torch.device) -> dict[str, float]:
+        if not isinstance(data, LabelledImages):
+            raise DfbfError("--robustness needs labelled data (an .npz or a class-per-folder tree) for a classifier.")
+        return classification_robustness(self.scorer(device), data, imgsz=imgsz, batch=batch)

@@ -10,16 +10,19 @@ from __future__ import annotations
 
 import copy
 import logging
+import os
 from datetime import datetime
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 
 from dfbf_cli import __version__
 from dfbf_cli.adapters.base import BackboneSplit, InputSpec, ModelAdapter
-from dfbf_cli.adapters.classifier import Scorer, classification_accuracy, top1_agreement
-from dfbf_cli.engine.data import EvalData, ImageFolder, LabelledImages, YoloDataset, temporary_folder
+from dfbf_cli.adapters.classifier import NOISE_SIGMA, Scorer, classification_accuracy, classification_robustness, top1_agreement
+from dfbf_cli.engine.data import IMAGE_SUFFIXES, EvalData, ImageFolder, LabelledImages, YoloDataset, read_image, temporary_folder
 from dfbf_cli.engine.files import atomic_path
 from dfbf_cli.engine.pruning import ChannelGroup, ChannelSlice, channel_group
 from dfbf_cli.errors import DfbfError
@@ -74,7 +77,7 @@ def _plain_conv(module: nn.Module) -> bool:
 
 def _output_conv(layer: nn.Module) -> str | None:
     """Relative name of the Conv that produces a backbone layer's output ('' for a Conv layer), if cuttable."""
-    from ultralytics.nn.modules import C2f, C3, SPPF
+    from ultralytics.nn.modules import C3, SPPF, C2f
 
     if _plain_conv(layer):
         return ""
@@ -86,7 +89,7 @@ def _output_conv(layer: nn.Module) -> str | None:
 
 def _input_convs(layer: nn.Module) -> list[str]:
     """Names (relative, ending in ``.conv``) of the convs that read a backbone layer's input; [] if not cuttable."""
-    from ultralytics.nn.modules import C2f, C2PSA, C3, SPPF
+    from ultralytics.nn.modules import C2PSA, C3, SPPF, C2f
 
     if _plain_conv(layer):
         return ["conv"]
@@ -121,6 +124,24 @@ def _hidden_groups(prefix: str, layer: nn.Module) -> list[ChannelGroup]:
             groups.append(channel_group(produced, prefix, producer.conv.out_channels,
                                         [f"{produced}.conv", f"{produced}.bn"], consumers))
     return groups
+
+
+def _noisy_copy(data: YoloDataset, folder: Path, sigma: float, seed: int = 0) -> Path:
+    """The validation split with Gaussian noise (σ in [0, 1] pixel units) added, as PNGs, labels alongside."""
+    generator = np.random.default_rng(seed)
+    val = data.config["val"] if isinstance(data.config["val"], str) else data.config["val"][0]
+    source = Path(data.config["path"]) / val
+    images, labels = folder / "images" / "val", folder / "labels" / "val"
+    images.mkdir(parents=True)
+    labels.mkdir(parents=True)
+    for path in sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        pixels = read_image(path).permute(1, 2, 0).numpy().astype(np.float32) / 255
+        noisy = np.clip(pixels + generator.normal(0, sigma, pixels.shape), 0, 1)
+        Image.fromarray((noisy * 255).round().astype(np.uint8)).save(images / f"{path.stem}.png")
+        label = Path(str(path.parent).replace(f"{os.sep}images", f"{os.sep}labels", 1)) / f"{path.stem}.txt"
+        if label.exists():
+            (labels / label.name).write_text(label.read_text())
+    return YoloDataset(folder / "noisy.yaml", {**data.config, "path": str(folder), "train": "images/val", "val": "images/val"}).resolved_yaml(folder)
 
 
 def _task_of(model: nn.Module) -> str:
@@ -250,7 +271,8 @@ class YoloAdapter(ModelAdapter):
 
         def scores(images: torch.Tensor) -> torch.Tensor:
             out = model(images.to(device))
-            return out[0] if isinstance(out, (tuple, list)) else out
+            probabilities = out[0] if isinstance(out, (tuple, list)) else out
+            return probabilities.clamp_min(1e-12).log()  # Classify ends in softmax: log-probabilities act as logits
 
         return scores
 
@@ -264,6 +286,21 @@ class YoloAdapter(ModelAdapter):
         self._check_compatible(data)
         with temporary_folder() as tmp:
             return self._validate(Path(tmp), data.resolved_yaml(Path(tmp)), imgsz=imgsz, batch=batch, device=device)
+
+    def robustness(self, data: EvalData, *, imgsz: int, batch: int, device: torch.device) -> dict[str, float]:
+        """Classify: FGSM and noise as for any classifier. Detect/pose: the metric on a copy of the validation
+        images with Gaussian noise added (FGSM on the detection loss is not implemented)."""
+        if self.task == "classify":
+            if not isinstance(data, LabelledImages):
+                raise DfbfError("--robustness needs labelled data (an .npz or a class-per-folder tree) for a classifier.")
+            return classification_robustness(self.scorer(device), data, imgsz=imgsz, batch=batch)
+        if not isinstance(data, YoloDataset):
+            raise DfbfError(f"--robustness for a YOLO {self.task} model needs an Ultralytics dataset YAML.")
+        self._check_compatible(data)
+        with temporary_folder() as tmp:
+            noisy = _noisy_copy(data, Path(tmp), NOISE_SIGMA)
+            metrics = self._validate(Path(tmp), noisy, imgsz=imgsz, batch=batch, device=device)
+        return {f"{name}_noise_{NOISE_SIGMA:g}": value for name, value in metrics.items()}
 
     def _check_compatible(self, data: YoloDataset) -> None:
         model_nc, data_nc = len(self.model.names), len(data.names)

@@ -32,6 +32,8 @@ WeightsOption = Annotated[
     typer.Option("--weights", help="For torchvision:NAME / cifar-resnetN: a state_dict file (.pth, .th, .safetensors) or a torchvision weights name (DEFAULT, IMAGENET1K_V1...)."),
 ]
 
+TeacherWeightsOption = Annotated[str | None, typer.Option("--teacher-weights", help="Weights for a torchvision / CIFAR --teacher (as --weights).")]
+
 
 @dataclass
 class Session:

@@ -8,19 +8,20 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
 from dfbf_cli.adapters import load_model
 from dfbf_cli.cli.common import DeviceOption, JsonOption, QuietOption, SeedOption, WeightsOption, session
 from dfbf_cli.cli.evaluate import report_table
 from dfbf_cli.cli.finetune import AllowMismatchOption, run_finetune
+from dfbf_cli.cli.prune import pruned_model
 from dfbf_cli.cli.synthesize import run_synthesis_with_progress
 from dfbf_cli.engine.compress import STAGES, RunDirectory, metric_drop, write_report
 from dfbf_cli.engine.data import ImageFolder, load_eval_data
 from dfbf_cli.engine.evaluate import evaluate_models
 from dfbf_cli.engine.finetune import EpochRecord, FinetuneSettings
 from dfbf_cli.engine.presets import PRESETS
-from dfbf_cli.engine.pruning import PruneSettings, prune
+from dfbf_cli.engine.progressive import ProgressiveSettings, check_strategy
+from dfbf_cli.engine.pruning import PruneSettings
 from dfbf_cli.engine.synthesis import plan_synthesis
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
 from dfbf_cli.errors import DfbfError, QualityGateFailed
@@ -38,6 +39,7 @@ def compress_command(
     max_drop: Annotated[float | None, typer.Option("--max-drop", help="Exit 1 if the task metric drops by more than this (in its own units: mAP 0-1, top-1 percent).")] = None,
     criterion: Annotated[str, typer.Option("--criterion", help="Channel importance: l1 or bn.")] = "l1",
     schedule: Annotated[str, typer.Option("--schedule", help="uniform or layer-dependent.")] = "uniform",
+    strategy: Annotated[str, typer.Option("--strategy", help="oneshot, or progressive (Paoding-style, scored on the synthetic images).")] = "oneshot",
     epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Fine-tuning epochs \\[default: preset].")] = None,
     imgsz: Annotated[int | None, typer.Option("--imgsz", min=8, help="Synthesis and fine-tuning image size \\[default: the model's, capped by the preset].")] = None,
     allow_teacher_mismatch: AllowMismatchOption = False,
@@ -68,13 +70,14 @@ def compress_command(
         chosen = PRESETS[preset]
         prune_settings = PruneSettings(ratio, criterion, schedule)
         prune_settings.validate()
+        check_strategy(strategy)
         eval_data = load_eval_data(data) if data else None
         original = load_model(model, weights)
         size = imgsz or chosen.imgsz(original.input_spec.imgsz)
         finetune_settings = FinetuneSettings(epochs=epochs or chosen.epochs)
         fingerprint = original.fingerprint()
         request = {"model": model, "fingerprint": fingerprint, "ratio": ratio, "preset": preset, "criterion": criterion,
-                   "schedule": schedule, "epochs": finetune_settings.epochs, "imgsz": size, "seed": seed,
+                   "schedule": schedule, "strategy": strategy, "epochs": finetune_settings.epochs, "imgsz": size, "seed": seed,
                    "synthetic": None if synthetic is None else str(synthetic.resolve()), "data": data}
         run = RunDirectory.prepare(out or Path(f"{Path(original.name.split(':')[-1]).stem}-compressed"), original.default_suffix, request)
 
@@ -90,7 +93,9 @@ def compress_command(
         if run.pruned.exists():
             pruned = original.reload(run.pruned)
         else:
-            pruned, _ = prune(original, prune_settings)
+            progressive = ProgressiveSettings()
+            probe = dataset.probe(progressive.probe_images) if strategy == "progressive" else None
+            pruned, _ = pruned_model(ctx, original, prune_settings, strategy, probe, progressive, seed)
             pruned.save(run.pruned)
 
         history_file = run.root / HISTORY

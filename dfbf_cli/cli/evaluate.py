@@ -8,11 +8,10 @@ import typer
 from rich.table import Table
 
 from dfbf_cli.adapters import load_model
-from dfbf_cli.cli.common import DeviceOption, JsonOption, QuietOption, SeedOption, WeightsOption, session
+from dfbf_cli.cli.common import DeviceOption, JsonOption, QuietOption, SeedOption, TeacherWeightsOption, WeightsOption, session
 from dfbf_cli.engine.data import load_eval_data
 from dfbf_cli.engine.evaluate import ModelReport, evaluate_models
 from dfbf_cli.errors import DfbfError
-
 
 EFFICIENCY_ROWS = [
     ("params (M)", lambda e: f"{e.params / 1e6:.3f}"),
@@ -49,10 +48,11 @@ def eval_command(
     data: Annotated[str, typer.Option("--data", help="Labelled data (Ultralytics dataset YAML, .npz with x/y, class-per-folder tree) or a folder of unlabelled images (with --teacher).", show_default=False)],
     teacher: Annotated[str | None, typer.Option("--teacher", help="Measure agreement with this model on the unlabelled images in --data.")] = None,
     weights: WeightsOption = None,
-    teacher_weights: Annotated[str | None, typer.Option("--teacher-weights", help="Weights for a torchvision / CIFAR --teacher (as --weights).")] = None,
+    teacher_weights: TeacherWeightsOption = None,
     imgsz: Annotated[int | None, typer.Option("--imgsz", min=8, help="Evaluation image size \\[default: the model's own].")] = None,
     batch: Annotated[int, typer.Option("--batch", min=1, help="Images per batch.")] = 16,
     latency_runs: Annotated[int, typer.Option("--latency-runs", min=1, help="Timed forward passes per latency figure (median reported).")] = 10,
+    robustness: Annotated[bool, typer.Option("--robustness", help="Also the metric under FGSM (ε 0.01, 0.05; classifiers) and Gaussian noise (σ 0.05).")] = False,
     device: DeviceOption = "auto",
     seed: SeedOption = 0,
     quiet: QuietOption = False,
@@ -79,6 +79,6 @@ def eval_command(
         if not quiet:
             ctx.console.print(f"Evaluating {', '.join(a.describe() for a in adapters)} on {data} ({ctx.device}) ...", highlight=False)
         reports = evaluate_models(adapters, eval_data, teacher=teacher_model, imgsz=imgsz, batch=batch,
-                                  device=ctx.device, latency_runs=latency_runs)
+                                  device=ctx.device, latency_runs=latency_runs, robustness=robustness)
         ctx.console.print(report_table(reports, f"dfbf eval · {data}"))
         ctx.emit({"command": "eval", "data": data, "device": str(ctx.device), "models": [r.to_dict() for r in reports]})

@@ -9,7 +9,7 @@ import typer
 from rich.progress import Progress
 
 from dfbf_cli.adapters import ModelAdapter, load_model
-from dfbf_cli.cli.common import DeviceOption, JsonOption, QuietOption, SeedOption, WeightsOption, session
+from dfbf_cli.cli.common import DeviceOption, JsonOption, QuietOption, SeedOption, TeacherWeightsOption, WeightsOption, session
 from dfbf_cli.engine.finetune import EpochRecord, FinetuneSettings, finetune
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
 
@@ -61,7 +61,7 @@ def finetune_command(
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last finished epoch.")] = False,
     allow_teacher_mismatch: AllowMismatchOption = False,
     weights: WeightsOption = None,
-    teacher_weights: Annotated[str | None, typer.Option("--teacher-weights", help="Weights for a torchvision / CIFAR --teacher (as --weights).")] = None,
+    teacher_weights: TeacherWeightsOption = None,
     device: DeviceOption = "auto",
     seed: SeedOption = 0,
     quiet: QuietOption = False,

@@ -12,7 +12,9 @@ from rich.table import Table
 from dfbf_cli.adapters import load_model
 from dfbf_cli.cli.common import DeviceOption, JsonOption, QuietOption, SeedOption, WeightsOption, session
 from dfbf_cli.engine.efficiency import Efficiency, measure_efficiency
-from dfbf_cli.engine.pruning import GroupOutcome, PruneSettings, prune
+from dfbf_cli.engine.progressive import ProgressiveSettings, check_strategy, prune_with_strategy
+from dfbf_cli.engine.pruning import GroupOutcome, PruneSettings
+from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
 from dfbf_cli.errors import DfbfError
 
 
@@ -50,6 +52,18 @@ def summary_table(before: Efficiency, after: Efficiency) -> Table:
     return table
 
 
+def pruned_model(ctx, original, settings: PruneSettings, strategy: str, probe, progressive: ProgressiveSettings, seed: int):
+    """Prune with a progress bar for the progressive strategy (shared by ``prune`` and ``compress``)."""
+    with ctx.progress() as progress:
+        task = progress.add_task(f"prune ({strategy})", total=None, status="")
+
+        def on_step(step: int, removed: int, total: int, score: float) -> None:
+            progress.update(task, total=total, completed=removed,
+                            status=f"step {step}/{progressive.steps} · {removed}/{total} channels merged · layer score {score:.4f}")
+
+        return prune_with_strategy(original, settings, strategy, probe=probe, progressive=progressive, seed=seed, on_step=on_step)
+
+
 def prune_command(
     model: Annotated[str, typer.Argument(help="The model to prune (YOLO .pt/.yaml, torchvision:NAME, cifar-resnetN).", show_default=False)],
     ratio: Annotated[float, typer.Option("--ratio", help="Fraction of each prunable layer's channels to remove, 0 < R < 1.", show_default=False)],
@@ -58,6 +72,9 @@ def prune_command(
     schedule: Annotated[str, typer.Option("--schedule", help="uniform (same ratio everywhere) or layer-dependent (DFBF's rule: more in wide layers).")] = "uniform",
     min_channels: Annotated[int, typer.Option("--min-channels", help="Never keep fewer channels than this in a layer.")] = 8,
     round_to: Annotated[int, typer.Option("--round-to", help="Round kept channels to a multiple of this (8 suits most hardware).")] = 1,
+    strategy: Annotated[str, typer.Option("--strategy", help="oneshot (all at once by --criterion) or progressive (Paoding-style: small steps, channels merged into their most similar survivor, scored on --synthetic images).")] = "oneshot",
+    synthetic: Annotated[Path | None, typer.Option("--synthetic", help="Synthetic dataset of this model (for --strategy progressive).")] = None,
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Progressive: rounds to reach the ratio.")] = 8,
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Report what pruning would do; write nothing.")] = False,
     imgsz: Annotated[int | None, typer.Option("--imgsz", min=8, help="Image size for GFLOPs and latency \\[default: the model's].")] = None,
     latency_runs: Annotated[int, typer.Option("--latency-runs", min=1, help="Timed forward passes per latency figure (median).")] = 20,
@@ -84,9 +101,16 @@ def prune_command(
             raise DfbfError(f"--ratio must be between 0 and 1 (exclusive), got {ratio}.")
         settings = PruneSettings(ratio, criterion, schedule, min_channels, round_to)
         settings.validate()
+        check_strategy(strategy)
         original = load_model(model, weights)
         path = None if dry_run else original.output_path(out, f"pruned{round(ratio * 100)}")
-        pruned, outcomes = prune(original, settings)
+        progressive = ProgressiveSettings(steps=steps)
+        probe = None
+        if synthetic is not None:
+            dataset = SyntheticDataset.open(synthetic)
+            dataset.check_teacher(original.fingerprint(), allow_mismatch=False)
+            probe = dataset.probe(progressive.probe_images)
+        pruned, outcomes = pruned_model(ctx, original, settings, strategy, probe, progressive, seed)
         size = imgsz or original.input_spec.imgsz
         before, after = measure_efficiency([original, pruned], imgsz=size, device=ctx.device, runs=latency_runs)
         if path is not None:
@@ -96,7 +120,7 @@ def prune_command(
         ctx.console.print("Dry run: nothing written." if path is None else f"Pruned model written to {path}", highlight=False)
         ctx.emit({
             "command": "prune", "model": model, "out": None if path is None else str(path), "dry_run": dry_run,
-            "settings": vars(settings), "imgsz": size, "before": before.to_dict(), "after": after.to_dict(),
+            "settings": vars(settings), "strategy": strategy, "imgsz": size, "before": before.to_dict(), "after": after.to_dict(),
             "reduction": {k: 1 - after.to_dict()[k] / v for k, v in before.to_dict().items() if isinstance(v, (int, float)) and v},
             "pruned_layers": [vars(o) for o in outcomes if o.after < o.before],
         })

@@ -35,9 +35,11 @@ def check_same_kind(student: ModelAdapter, teacher: ModelAdapter) -> None:
 
 
 def task_metrics(
-    adapter: ModelAdapter, data: EvalData, *, teacher: ModelAdapter | None, imgsz: int, batch: int, device: torch.device
+    adapter: ModelAdapter, data: EvalData, *, teacher: ModelAdapter | None, imgsz: int, batch: int, device: torch.device,
+    robustness: bool = False,
 ) -> dict[str, float]:
-    """The task metric on labelled data, or agreement with ``teacher`` on unlabelled images."""
+    """The task metric on labelled data (and under perturbations, with ``robustness``), or agreement
+    with ``teacher`` on unlabelled images."""
     if isinstance(data, ImageFolder):
         if teacher is None:
             raise DfbfError(f"{data.root} holds unlabelled images: pass --teacher MODEL to measure agreement with it.")
@@ -45,15 +47,19 @@ def task_metrics(
         return adapter.agreement(teacher, data, imgsz=imgsz, batch=batch, device=device)
     if teacher is not None:
         raise DfbfError("--teacher needs --data to be a folder of unlabelled images (agreement is measured there).")
-    return adapter.evaluate(data, imgsz=imgsz, batch=batch, device=device)
+    metrics = adapter.evaluate(data, imgsz=imgsz, batch=batch, device=device)
+    if robustness:
+        metrics |= adapter.robustness(data, imgsz=imgsz, batch=batch, device=device)
+    return metrics
 
 
 def evaluate_models(
     adapters: list[ModelAdapter], data: EvalData, *, teacher: ModelAdapter | None, imgsz: int | None, batch: int,
-    device: torch.device, latency_runs: int = 10,
+    device: torch.device, latency_runs: int = 10, robustness: bool = False,
 ) -> list[ModelReport]:
     """Task metric for each model, then efficiency for all of them together (comparable latencies)."""
     size = imgsz or adapters[0].input_spec.imgsz
-    metrics = [task_metrics(a, data, teacher=teacher, imgsz=imgsz or a.input_spec.imgsz, batch=batch, device=device) for a in adapters]
+    metrics = [task_metrics(a, data, teacher=teacher, imgsz=imgsz or a.input_spec.imgsz, batch=batch, device=device,
+                            robustness=robustness) for a in adapters]
     efficiency = measure_efficiency(adapters, imgsz=size, device=device, runs=latency_runs)
     return [ModelReport(a.name, a.family, a.task, m, e) for a, m, e in zip(adapters, metrics, efficiency)]

@@ -16,6 +16,7 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, replace
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -191,7 +192,7 @@ class SynthesisPlan:
 
 
 def plan_synthesis(
-    adapter: ModelAdapter, out, *, num_images: int, imgsz: int, batch: int, settings: SynthesisSettings, seed: int
+    adapter: ModelAdapter, out: Path, *, num_images: int, imgsz: int, batch: int, settings: SynthesisSettings, seed: int
 ) -> SynthesisPlan:
     """Open (or continue) the dataset at ``out`` and work out which shards are still to be made."""
     classes = adapter.synthesis_classes() if settings.class_weight > 0 else None
@@ -204,6 +205,8 @@ def plan_synthesis(
     )
     remaining = max(0, num_images - dataset.num_images)
     sizes = [min(batch, remaining - start) for start in range(0, remaining, batch)]
+    if len(sizes) > 1 and sizes[-1] == 1:  # a lone image has no batch statistics: join it to the previous shard
+        sizes[-2:] = [sizes[-2] + 1]
     return SynthesisPlan(dataset, settings, seed, classes, sizes)
 
 

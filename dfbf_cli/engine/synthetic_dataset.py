@@ -153,6 +153,17 @@ class SyntheticDataset:
             except (SafetensorError, OSError) as error:
                 raise DfbfError(f"Shard {path} cannot be read: {error}.") from error
 
+    def probe(self, count: int) -> torch.Tensor:
+        """The first ``count`` images as floats in [0, 1]: a small batch to score model edits on."""
+        images = []
+        for shard in self.shards():
+            images.append(shard["images"])
+            if sum(len(i) for i in images) >= count:
+                break
+        if not images:
+            raise DfbfError(f"{self.root} holds no images yet; run 'dfbf synthesize' to fill it.")
+        return torch.cat(images)[:count].float() / 255
+
     def load(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """All images (uint8 N×3×H×W) and labels (or None), verified."""
         shards = list(self.shards())

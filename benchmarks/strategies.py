@@ -1,0 +1,66 @@
+"""One-shot L1 vs progressive (Paoding-style) pruning at the same size, before and after DFBF fine-tuning.
+
+    .venv/bin/python benchmarks/strategies.py cifar SYNTHETIC_DIR   # ResNet-56 at 0.3 and 0.5, on cifar10-test-dev
+    .venv/bin/python benchmarks/strategies.py yolo SYNTHETIC_DIR    # yolo11n-pose at 0.3, on coco-mini-pose
+
+SYNTHETIC_DIR: a synthetic dataset of that model (e.g. the run directory's synthetic/ from
+benchmarks/recovery.py). Clean and robust metrics (classifier: FGSM ε 0.01/0.05 and Gaussian noise
+σ 0.05; YOLO: Gaussian noise σ 0.05), with the time each pruning and fine-tuning took.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import asset, machine, private_copy
+
+from dfbf_cli.adapters import load_model
+from dfbf_cli.engine.data import load_eval_data
+from dfbf_cli.engine.finetune import FinetuneSettings, finetune
+from dfbf_cli.engine.presets import PRESETS
+from dfbf_cli.engine.progressive import ProgressiveSettings, prune_with_strategy
+from dfbf_cli.engine.pruning import PruneSettings
+from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
+
+CPU = torch.device("cpu")
+
+
+def main(kind: str, synthetic: Path) -> None:
+    if kind == "cifar":
+        original = load_model("cifar-resnet56", str(asset("models/cifar10-resnet56.th")))
+        data, ratios, batch, shown = load_eval_data(asset("data/cifar10-test-dev.npz")), (0.3, 0.5), 1000, ("top1", "top1_fgsm_0.01", "top1_fgsm_0.05", "top1_noise_0.05")
+    else:
+        original = load_model(str(asset("models/yolo11n-pose.pt")))
+        data, ratios, batch, shown = load_eval_data(private_copy("coco-mini-pose")), (0.3,), 16, ("pose_map50_95", "pose_map50_95_noise_0.05", "box_map50_95", "box_map50_95_noise_0.05")
+    dataset = SyntheticDataset.open(synthetic)
+    dataset.check_teacher(original.fingerprint(), allow_mismatch=False)
+    images, _ = dataset.load()
+    epochs = PRESETS["balanced"].epochs
+    size = original.input_spec.imgsz
+
+    def scores(adapter) -> str:
+        metrics = adapter.evaluate(data, imgsz=size, batch=batch, device=CPU) | adapter.robustness(data, imgsz=size, batch=batch, device=CPU)
+        return " / ".join(f"{metrics[m]:.3f}" if metrics[m] < 1.5 else f"{metrics[m]:.2f}" for m in shown)
+
+    print(f"machine: {machine(CPU)}; metrics: {' / '.join(shown)}; fine-tuning: {epochs} epochs on {len(images)} synthetic images\n")
+    print("| model | ratio | strategy | pruning time | after pruning | fine-tuning time | after DFBF fine-tuning |\n|---|---|---|---|---|---|---|")
+    print(f"| {original.name} | 0 | unpruned | - | {scores(original)} | - | - |")
+    for ratio in ratios:
+        for strategy in ("oneshot", "progressive"):
+            start = time.perf_counter()
+            pruned, _ = prune_with_strategy(original, PruneSettings(ratio), strategy, probe=dataset.probe(8),
+                                            progressive=ProgressiveSettings(), seed=0)
+            prune_seconds = time.perf_counter() - start
+            before = scores(pruned)
+            start = time.perf_counter()
+            state = Path(tempfile.mkdtemp()) / "state.pt"
+            finetune(pruned, original, images, settings=FinetuneSettings(epochs=epochs), device=CPU, seed=0, state_path=state)
+            print(f"| {original.name} | {ratio} | {strategy} | {prune_seconds:.1f} s | {before} | {(time.perf_counter() - start) / 60:.1f} min | {scores(pruned)} |", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]))
