@@ -1,11 +1,12 @@
 """One-shot L1 vs progressive (Paoding-style) pruning at the same size, before and after DFBF fine-tuning.
 
-    .venv/bin/python benchmarks/strategies.py cifar SYNTHETIC_DIR   # ResNet-56 at 0.3 and 0.5, on cifar10-test-dev
-    .venv/bin/python benchmarks/strategies.py yolo SYNTHETIC_DIR    # yolo11n-pose at 0.3, on coco-mini-pose
+    .venv/bin/python benchmarks/strategies.py cifar SYNTHETIC_DIR [EPOCHS]  # ResNet-56 at 0.3 and 0.5, cifar10-test-dev
+    .venv/bin/python benchmarks/strategies.py yolo SYNTHETIC_DIR [EPOCHS]   # yolo11n-pose at 0.3, coco-mini-pose
 
 SYNTHETIC_DIR: a synthetic dataset of that model (e.g. the run directory's synthetic/ from
 benchmarks/recovery.py). Clean and robust metrics (classifier: FGSM ε 0.01/0.05 and Gaussian noise
-σ 0.05; YOLO: Gaussian noise σ 0.05), with the time each pruning and fine-tuning took.
+σ 0.05; YOLO: Gaussian noise σ 0.05), with the time each pruning and fine-tuning took. EPOCHS of
+fine-tuning default to 10 (where ResNet-56's recovery plateaus, docs/finetune.md).
 """
 
 from __future__ import annotations
@@ -21,7 +22,6 @@ from common import asset, machine, private_copy
 from dfbf_cli.adapters import load_model
 from dfbf_cli.engine.data import load_eval_data
 from dfbf_cli.engine.finetune import FinetuneSettings, finetune
-from dfbf_cli.engine.presets import PRESETS
 from dfbf_cli.engine.progressive import ProgressiveSettings, prune_with_strategy
 from dfbf_cli.engine.pruning import PruneSettings
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
@@ -29,7 +29,7 @@ from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
 CPU = torch.device("cpu")
 
 
-def main(kind: str, synthetic: Path) -> None:
+def main(kind: str, synthetic: Path, epochs: int) -> None:
     if kind == "cifar":
         original = load_model("cifar-resnet56", str(asset("models/cifar10-resnet56.th")))
         data, ratios, batch, shown = load_eval_data(asset("data/cifar10-test-dev.npz")), (0.3, 0.5), 1000, ("top1", "top1_fgsm_0.01", "top1_fgsm_0.05", "top1_noise_0.05")
@@ -39,12 +39,11 @@ def main(kind: str, synthetic: Path) -> None:
     dataset = SyntheticDataset.open(synthetic)
     dataset.check_teacher(original.fingerprint(), allow_mismatch=False)
     images, _ = dataset.load()
-    epochs = PRESETS["balanced"].epochs
     size = original.input_spec.imgsz
 
     def scores(adapter) -> str:
         metrics = adapter.evaluate(data, imgsz=size, batch=batch, device=CPU) | adapter.robustness(data, imgsz=size, batch=batch, device=CPU)
-        return " / ".join(f"{metrics[m]:.3f}" if metrics[m] < 1.5 else f"{metrics[m]:.2f}" for m in shown)
+        return " / ".join(f"{metrics[m]:.2f}" if m.startswith("top") else f"{metrics[m]:.3f}" for m in shown)
 
     print(f"machine: {machine(CPU)}; metrics: {' / '.join(shown)}; fine-tuning: {epochs} epochs on {len(images)} synthetic images\n")
     print("| model | ratio | strategy | pruning time | after pruning | fine-tuning time | after DFBF fine-tuning |\n|---|---|---|---|---|---|---|")
@@ -63,4 +62,4 @@ def main(kind: str, synthetic: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]))
+    main(sys.argv[1], Path(sys.argv[2]), int(sys.argv[3]) if len(sys.argv) > 3 else 10)
