@@ -179,6 +179,13 @@ def classification_accuracy(scores: Scorer, data: LabelledImages, *, imgsz: int,
     return {"top1": 100.0 * top1 / len(data), "top5": 100.0 * top5 / len(data)}
 
 
+def require_labelled(data: EvalData, name: str) -> LabelledImages:
+    """Classifiers are scored on an .npz or a class-per-folder tree; anything else is a user mistake."""
+    if not isinstance(data, LabelledImages):
+        raise DfbfError(f"{name} is a classifier: score it on an .npz or a class-per-folder tree, not on {type(data).__name__} data.")
+    return data
+
+
 ROBUSTNESS_EPSILONS = (0.01, 0.05)  # FGSM step in [0, 1] pixel units
 NOISE_SIGMA = 0.05  # Gaussian noise standard deviation in [0, 1] pixel units
 
@@ -301,17 +308,10 @@ class ClassifierAdapter(ModelAdapter):
         return lambda images: model(self.input_spec.normalize(images.to(device)))
 
     def evaluate(self, data: EvalData, *, imgsz: int, batch: int, device: torch.device) -> dict[str, float]:
-        if not isinstance(data, LabelledImages):
-            raise DfbfError(
-                f"{self.name} is a classifier: evaluate it on an .npz or a class-per-folder tree, "
-                f"not on {type(data).__name__} data."
-            )
-        return classification_accuracy(self.scorer(device), data, imgsz=imgsz, batch=batch, num_outputs=self.num_outputs())
+        return classification_accuracy(self.scorer(device), require_labelled(data, self.name), imgsz=imgsz, batch=batch, num_outputs=self.num_outputs())
 
     def agreement(self, teacher: ModelAdapter, images: ImageFolder, *, imgsz: int, batch: int, device: torch.device) -> dict[str, float]:
         return top1_agreement(self.scorer(device), teacher.scorer(device), images, imgsz=imgsz, batch=batch)
 
     def robustness(self, data: EvalData, *, imgsz: int, batch: int, device: torch.device) -> dict[str, float]:
-        if not isinstance(data, LabelledImages):
-            raise DfbfError("--robustness needs labelled data (an .npz or a class-per-folder tree) for a classifier.")
-        return classification_robustness(self.scorer(device), data, imgsz=imgsz, batch=batch)
+        return classification_robustness(self.scorer(device), require_labelled(data, self.name), imgsz=imgsz, batch=batch)

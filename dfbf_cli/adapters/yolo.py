@@ -21,8 +21,15 @@ from torch import nn
 
 from dfbf_cli import __version__
 from dfbf_cli.adapters.base import BackboneSplit, InputSpec, ModelAdapter
-from dfbf_cli.adapters.classifier import NOISE_SIGMA, Scorer, classification_accuracy, classification_robustness, top1_agreement
-from dfbf_cli.engine.data import IMAGE_SUFFIXES, EvalData, ImageFolder, LabelledImages, YoloDataset, read_image, temporary_folder
+from dfbf_cli.adapters.classifier import (
+    NOISE_SIGMA,
+    Scorer,
+    classification_accuracy,
+    classification_robustness,
+    require_labelled,
+    top1_agreement,
+)
+from dfbf_cli.engine.data import IMAGE_SUFFIXES, EvalData, ImageFolder, YoloDataset, read_image, temporary_folder
 from dfbf_cli.engine.files import atomic_path
 from dfbf_cli.engine.pruning import ChannelGroup, ChannelSlice, channel_group
 from dfbf_cli.errors import DfbfError
@@ -278,9 +285,7 @@ class YoloAdapter(ModelAdapter):
 
     def evaluate(self, data: EvalData, *, imgsz: int, batch: int, device: torch.device) -> dict[str, float]:
         if self.task == "classify":
-            if not isinstance(data, LabelledImages):
-                raise DfbfError(f"{self.name} is a classifier: evaluate it on an .npz or a class-per-folder tree.")
-            return classification_accuracy(self.scorer(device), data, imgsz=imgsz, batch=batch, num_outputs=len(self.model.names))
+            return classification_accuracy(self.scorer(device), require_labelled(data, self.name), imgsz=imgsz, batch=batch, num_outputs=len(self.model.names))
         if not isinstance(data, YoloDataset):
             raise DfbfError(f"{self.name} is a YOLO {self.task} model: evaluate it on an Ultralytics dataset YAML.")
         self._check_compatible(data)
@@ -291,9 +296,7 @@ class YoloAdapter(ModelAdapter):
         """Classify: FGSM and noise as for any classifier. Detect/pose: the metric on a copy of the validation
         images with Gaussian noise added (FGSM on the detection loss is not implemented)."""
         if self.task == "classify":
-            if not isinstance(data, LabelledImages):
-                raise DfbfError("--robustness needs labelled data (an .npz or a class-per-folder tree) for a classifier.")
-            return classification_robustness(self.scorer(device), data, imgsz=imgsz, batch=batch)
+            return classification_robustness(self.scorer(device), require_labelled(data, self.name), imgsz=imgsz, batch=batch)
         if not isinstance(data, YoloDataset):
             raise DfbfError(f"--robustness for a YOLO {self.task} model needs an Ultralytics dataset YAML.")
         self._check_compatible(data)

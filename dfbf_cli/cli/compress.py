@@ -21,7 +21,7 @@ from dfbf_cli.engine.evaluate import evaluate_models
 from dfbf_cli.engine.finetune import EpochRecord, FinetuneSettings
 from dfbf_cli.engine.presets import PRESETS
 from dfbf_cli.engine.progressive import ProgressiveSettings, check_strategy
-from dfbf_cli.engine.pruning import PruneSettings
+from dfbf_cli.engine.pruning import PruneSettings, require_ratio
 from dfbf_cli.engine.synthesis import plan_synthesis
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
 from dfbf_cli.errors import DfbfError, QualityGateFailed
@@ -61,8 +61,7 @@ def compress_command(
       dfbf compress cifar-resnet56 --weights r56.th --ratio 0.5 --data test.npz --max-drop 1.5
     """
     with session(device=device, seed=seed, quiet=quiet, json_mode=json_output) as ctx:
-        if not (0.0 < ratio < 1.0):
-            raise DfbfError(f"--ratio must be between 0 and 1 (exclusive), got {ratio}.")
+        require_ratio(ratio)
         if preset not in PRESETS:
             raise DfbfError(f"Unknown preset '{preset}'; choose one of {', '.join(PRESETS)}.")
         if max_drop is not None and not max_drop >= 0:

@@ -13,9 +13,8 @@ from dfbf_cli.adapters import load_model
 from dfbf_cli.cli.common import DeviceOption, JsonOption, QuietOption, SeedOption, WeightsOption, session
 from dfbf_cli.engine.efficiency import Efficiency, measure_efficiency
 from dfbf_cli.engine.progressive import ProgressiveSettings, check_strategy, prune_with_strategy
-from dfbf_cli.engine.pruning import GroupOutcome, PruneSettings
+from dfbf_cli.engine.pruning import GroupOutcome, PruneSettings, require_ratio
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
-from dfbf_cli.errors import DfbfError
 
 
 def stage_table(outcomes: list[GroupOutcome]) -> Table:
@@ -97,8 +96,7 @@ def prune_command(
       dfbf prune yolo11n.pt --ratio 0.5 --round-to 8 --dry-run --json
     """
     with session(device=device, seed=seed, quiet=quiet, json_mode=json_output) as ctx:
-        if not (0.0 < ratio < 1.0):
-            raise DfbfError(f"--ratio must be between 0 and 1 (exclusive), got {ratio}.")
+        require_ratio(ratio)
         settings = PruneSettings(ratio, criterion, schedule, min_channels, round_to)
         settings.validate()
         check_strategy(strategy)

@@ -81,6 +81,12 @@ def reference_layer_factor(width: int) -> float:
     return 1.3 if width >= 500 else 1.0 if width > 200 else 0.4
 
 
+def require_ratio(ratio: float) -> None:
+    """What a user may ask for: 0 < R < 1 (the engine itself also accepts 0, meaning no change)."""
+    if not (0.0 < ratio < 1.0):  # also refuses NaN
+        raise DfbfError(f"--ratio must be between 0 and 1 (exclusive), got {ratio}.")
+
+
 @dataclass(frozen=True)
 class PruneSettings:
     ratio: float
