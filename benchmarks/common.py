@@ -8,6 +8,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import torch
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
@@ -31,3 +32,14 @@ def machine(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
     return f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+
+
+def cifar_dev_halves(folder: Path) -> tuple[np.ndarray, np.ndarray, Path]:
+    """The dev file's images and half A's indices (class-balanced), with half B saved as folder/half_b.npz
+    (fine-tune on A, score on B)."""
+    with np.load(asset("data/cifar10-test-dev.npz")) as archive:
+        x, y = archive["x"], archive["y"]
+    half_a = np.concatenate([np.flatnonzero(y == c)[: (y == c).sum() // 2] for c in range(10)])
+    half_b = np.setdiff1d(np.arange(len(y)), half_a)
+    np.savez(folder / "half_b.npz", x=x[half_b], y=y[half_b])
+    return x, half_a, folder / "half_b.npz"

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import asset, machine, private_copy
+from common import asset, cifar_dev_halves, machine, private_copy
 
 from dfbf_cli.adapters import ModelAdapter, load_model
 from dfbf_cli.engine.data import load_eval_data
@@ -55,17 +55,13 @@ def gaussian_noise_like(images: torch.Tensor) -> torch.Tensor:
 
 def cifar() -> None:
     weights = str(asset("models/cifar10-resnet56.th"))
-    with np.load(asset("data/cifar10-test-dev.npz")) as archive:
-        x, y = archive["x"], archive["y"]
-    half_a = np.concatenate([np.flatnonzero(y == c)[: (y == c).sum() // 2] for c in range(10)])
-    half_b = np.setdiff1d(np.arange(len(y)), half_a)
-    np.savez(WORK / "half_b.npz", x=x[half_b], y=y[half_b])
-    report, seconds = compress("cifar-resnet56", "--weights", weights, "--ratio", "0.5", "--data", str(WORK / "half_b.npz"))
+    x, half_a, half_b = cifar_dev_halves(WORK)
+    report, seconds = compress("cifar-resnet56", "--weights", weights, "--ratio", "0.5", "--data", str(half_b))
     top1 = {stage: report["models"][stage]["metrics"]["top1"] for stage in ("original", "pruned", "compressed")}
     original = load_model("cifar-resnet56", weights)
     count, epochs = PRESETS["balanced"].num_images(32), PRESETS["balanced"].epochs
     real = torch.from_numpy(x[np.random.default_rng(0).choice(half_a, count, replace=False)]).permute(0, 3, 1, 2).contiguous()
-    data_b = load_eval_data(WORK / "half_b.npz")
+    data_b = load_eval_data(half_b)
     scores = {}
     for tag, images in (("noise", gaussian_noise_like(real)), ("real", real)):
         model, _ = finetuned_on(images, original, epochs, tag)

@@ -88,6 +88,22 @@ def test_interrupted_finetune_resumes_to_the_same_model(run_cli, tmp_path, tiny_
         torch.testing.assert_close(a, b)
 
 
+def test_weight_decay_is_applied_when_asked_and_validated(run_cli, tmp_path, tiny_synthetic, pruned_r20, r20):
+    from dfbf_cli.engine.finetune import FinetuneSettings, finetune
+    from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
+
+    images, _ = SyntheticDataset.open(tiny_synthetic).load()
+    norms = {}
+    for decay in (0.0, 1.0):
+        student = load_model(str(pruned_r20))
+        finetune(student, load_model(r20[0], r20[2]), images, settings=FinetuneSettings(epochs=2, batch=8, weight_decay=decay),
+                 device=torch.device("cpu"), seed=0, state_path=tmp_path / f"state-{decay}.pt")
+        norms[decay] = sum(float(p.norm()) for p in student.split().backbone.parameters())
+    assert norms[1.0] < 0.99 * norms[0.0]
+    refused = _finetune(run_cli, pruned_r20, tiny_synthetic, tmp_path / "x.safetensors", "--weight-decay", "-1")
+    assert refused.code == 2 and "--weight-decay" in refused.stderr
+
+
 def test_teacher_student_mismatch_is_refused(run_cli, tmp_path, tiny_synthetic, pruned_r20):
     wrong_arch = run_cli("finetune", pruned_r20, "--teacher", "cifar-resnet56", "--teacher-weights", shared_asset("models/cifar10-resnet56.th"),
                          "--data", tiny_synthetic, "--out", tmp_path / "x.safetensors", "--allow-teacher-mismatch", *QUIET)

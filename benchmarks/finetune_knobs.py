@@ -1,0 +1,77 @@
+"""Fine-tuning knobs and pruning scope, on a fixed synthetic set: the figures behind finetune.md's defaults.
+
+    .venv/bin/python benchmarks/finetune_knobs.py yolo SYNTHETIC_DIR   # yolo11n-pose (≈2.5 min a row here)
+    .venv/bin/python benchmarks/finetune_knobs.py cifar SYNTHETIC_DIR  # ResNet-56 at 0.5 (≈2 min a row; 15 epochs there)
+
+SYNTHETIC_DIR: a synthetic dataset of that model, e.g. the run directory's synthetic/ left by
+benchmarks/recovery.py. Each row prunes the original (one-shot L1), fine-tunes it with the settings
+shown and scores it (YOLO: pose / box mAP50-95 on coco-mini-pose at 640 px; CIFAR: top-1 on half B of
+the dev file, as recovery.py). YOLO rows also vary the pruning scope: the ratio of block-internal
+channel groups and of backbone-interface groups (the YOLO adapter names those ``model.i→j``).
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import asset, cifar_dev_halves, machine, private_copy
+
+from dfbf_cli.adapters import ModelAdapter, load_model
+from dfbf_cli.engine.data import load_eval_data
+from dfbf_cli.engine.efficiency import gflops
+from dfbf_cli.engine.finetune import FinetuneSettings, finetune
+from dfbf_cli.engine.pruning import PruneSettings, apply_pruning, select_channels
+from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
+
+CPU = torch.device("cpu")
+# (internal ratio, interface ratio, fine-tune settings); the first row of each model is the old default
+YOLO_ROWS = [
+    (0.3, 0.3, {"weight_decay": 5e-4}), (0.3, 0.3, {}), (0.3, 0.3, {"bn": "frozen", "lr": 1e-4}),
+    (0.3, 0.1, {"weight_decay": 5e-4}), (0.3, 0.1, {}), (0.3, 0.1, {"lr": 1e-4}), (0.3, 0.1, {"bn": "frozen"}),
+    (0.3, 0.1, {"bn": "frozen", "lr": 1e-4}), (0.3, 0.0, {}), (0.0, 0.0, {}),
+]
+CIFAR_ROWS = [(0.5, 0.5, {"weight_decay": 5e-4}), (0.5, 0.5, {}), (0.5, 0.5, {"lr": 3e-3}), (0.5, 0.5, {"bn": "frozen", "lr": 1e-4})]
+
+
+def pruned_with_scope(original: ModelAdapter, internal: float, interface: float) -> ModelAdapter:
+    student = original.with_model(copy.deepcopy(original.model))
+    groups = student.channel_groups()
+    kept = {g.name: select_channels(student.model, g, PruneSettings(interface if "→" in g.name else internal)) for g in groups}
+    apply_pruning(student.model, groups, kept)
+    return student
+
+
+def main(kind: str, synthetic: Path) -> None:
+    if kind == "yolo":
+        original, rows, size, epochs = load_model(str(asset("models/yolo11n-pose.pt"))), YOLO_ROWS, 640, 30
+        data, shown = load_eval_data(private_copy("coco-mini-pose")), ("pose_map50_95", "box_map50_95")
+    else:
+        original, rows, size, epochs = load_model("cifar-resnet56", str(asset("models/cifar10-resnet56.th"))), CIFAR_ROWS, 32, 15
+        data, shown = load_eval_data(cifar_dev_halves(Path(tempfile.mkdtemp()))[2]), ("top1",)
+    dataset = SyntheticDataset.open(synthetic)
+    dataset.check_teacher(original.fingerprint(), allow_mismatch=False)
+    images, _ = dataset.load()
+    example, base = torch.zeros(1, 3, size, size), gflops(original.model, torch.zeros(1, 3, size, size))
+    print(f"machine: {machine(CPU)}; {len(images)} synthetic images of {images.shape[-1]} px; {epochs} epochs, batch 32, seed 0\n")
+    print(f"| internal ratio | interface ratio | GFLOPs | fine-tuning (differences from the defaults) | {' / '.join(shown)} before | after | time |")
+    print("|---|---|---|---|---|---|---|")
+    for internal, interface, changes in rows:
+        student = pruned_with_scope(original, internal, interface)
+        before = student.evaluate(data, imgsz=size, batch=16, device=CPU)
+        start = time.perf_counter()
+        finetune(student, original, images, settings=FinetuneSettings(epochs=epochs, **changes), device=CPU, seed=0,
+                 state_path=Path(tempfile.mkdtemp()) / "state.pt")
+        seconds = time.perf_counter() - start
+        after = student.evaluate(data, imgsz=size, batch=16, device=CPU)
+        cells = lambda m: " / ".join(f"{m[k]:.3f}" if k.endswith("95") else f"{m[k]:.2f}" for k in shown)  # noqa: E731
+        print(f"| {internal} | {interface} | {gflops(student.model, example) / base - 1:+.1%} | {changes or 'defaults'} "
+              f"| {cells(before)} | {cells(after)} | {seconds:.0f} s |", flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], Path(sys.argv[2]))
