@@ -88,6 +88,19 @@ def test_interrupted_finetune_resumes_to_the_same_model(run_cli, tmp_path, tiny_
         torch.testing.assert_close(a, b)
 
 
+def test_cutmix_pastes_one_box_from_a_partner_image():
+    images = torch.arange(8, dtype=torch.float32).view(8, 1, 1, 1).expand(8, 3, 16, 16).contiguous()  # image k is all k
+    mixed = finetune_module.cutmix(images, torch.Generator().manual_seed(3))
+    changed = mixed != images
+    assert changed.any() and mixed.shape == images.shape
+    box = changed.any(dim=(0, 1))  # the same box in every image: a rectangle
+    rows, cols = box.any(1).nonzero().squeeze(1), box.any(0).nonzero().squeeze(1)
+    assert box[rows.min() : rows.max() + 1, cols.min() : cols.max() + 1].all()
+    for k in range(8):  # inside the box, one other image's value; outside, its own
+        inside = mixed[k, :, box]
+        assert (inside == inside.flatten()[0]).all() and torch.equal(mixed[k, :, ~box], images[k, :, ~box])
+
+
 def test_weight_decay_is_applied_when_asked_and_validated(run_cli, tmp_path, tiny_synthetic, pruned_r20, r20):
     from dfbf_cli.engine.finetune import FinetuneSettings, finetune
     from dfbf_cli.engine.synthetic_dataset import SyntheticDataset

@@ -46,6 +46,7 @@ class FinetuneSettings:
     tap_weights: str = "linear"
     bn: str = "train"  # student BatchNorm: "train" (batch statistics, running stats updated) or "frozen"
     augment: bool = True  # random flips and shifts of the fixed synthetic set
+    cutmix: bool = True  # paste a patch of another image into each: +1.3 top-1 on CIFAR (docs/finetune.md)
 
     def validate(self) -> None:
         for field_name, value, allowed in (("loss", self.loss, DISTANCES), ("tap-weights", self.tap_weights, TAP_WEIGHTS),
@@ -90,6 +91,19 @@ def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
     padded = F.pad(images, (pad, pad, pad, pad), mode="reflect")
     dy, dx = (int(v) for v in torch.randint(0, 2 * pad + 1, (2,), generator=generator))
     return padded[:, :, dy : dy + h, dx : dx + w]
+
+
+def cutmix(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    """Paste the same random box (of a uniformly drawn share of the area) from a shuffled partner into
+    every image: new inputs for the teacher to describe, from the same fixed synthetic set."""
+    n, _, h, w = images.shape
+    partner = torch.randperm(n, generator=generator).to(images.device)
+    share = float(torch.rand(1, generator=generator)) ** 0.5
+    bh, bw = int(h * share), int(w * share)
+    y, x = (int(torch.randint(0, size - box + 1, (1,), generator=generator)) for size, box in ((h, bh), (w, bw)))
+    mixed = images.clone()
+    mixed[:, :, y : y + bh, x : x + bw] = images[partner, :, y : y + bh, x : x + bw]
+    return mixed
 
 
 def _optimizer(params: list[nn.Parameter], settings: FinetuneSettings) -> torch.optim.Optimizer:
@@ -180,6 +194,8 @@ def finetune(
                 x = images[order[step * batch : (step + 1) * batch]].float().div(255)
                 if settings.augment:
                     x = augment(x, generator)
+                if settings.cutmix:
+                    x = cutmix(x, generator)
                 x = student.input_spec.normalize(x.to(device))
                 with torch.no_grad():
                     t_split.backbone(x)
