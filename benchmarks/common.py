@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import copy
 import platform
 import shutil
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from dfbf_cli.adapters import ModelAdapter
+from dfbf_cli.engine.pruning import ChannelGroup, PruneSettings, apply_pruning, select_channels
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 
@@ -43,3 +48,12 @@ def cifar_dev_halves(folder: Path) -> tuple[np.ndarray, np.ndarray, Path]:
     half_b = np.setdiff1d(np.arange(len(y)), half_a)
     np.savez(folder / "half_b.npz", x=x[half_b], y=y[half_b])
     return x, half_a, folder / "half_b.npz"
+
+
+def pruned_with_ratios(original: ModelAdapter, ratio_of: Callable[[ChannelGroup], float]) -> ModelAdapter:
+    """A copy of the model, each channel group pruned (one-shot L1) at its own ratio: for experiments
+    on where to prune, which the product's uniform / layer-dependent schedules do not express."""
+    student = original.with_model(copy.deepcopy(original.model).eval())
+    groups = student.channel_groups()
+    apply_pruning(student.model, groups, {g.name: select_channels(student.model, g, PruneSettings(ratio_of(g))) for g in groups})
+    return student

@@ -12,20 +12,18 @@ channel groups and of backbone-interface groups (the YOLO adapter names those ``
 
 from __future__ import annotations
 
-import copy
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
-from common import asset, cifar_dev_halves, machine, private_copy
+from common import asset, cifar_dev_halves, machine, private_copy, pruned_with_ratios
 
-from dfbf_cli.adapters import ModelAdapter, load_model
+from dfbf_cli.adapters import load_model
 from dfbf_cli.engine.data import load_eval_data
 from dfbf_cli.engine.efficiency import gflops
 from dfbf_cli.engine.finetune import FinetuneSettings, finetune
-from dfbf_cli.engine.pruning import PruneSettings, apply_pruning, select_channels
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
 
 CPU = torch.device("cpu")
@@ -43,14 +41,6 @@ CIFAR_ROWS = [
 ]
 
 
-def pruned_with_scope(original: ModelAdapter, internal: float, interface: float) -> ModelAdapter:
-    student = original.with_model(copy.deepcopy(original.model))
-    groups = student.channel_groups()
-    kept = {g.name: select_channels(student.model, g, PruneSettings(interface if "→" in g.name else internal)) for g in groups}
-    apply_pruning(student.model, groups, kept)
-    return student
-
-
 def main(kind: str, synthetic: Path, epochs: int) -> None:
     if kind == "yolo":
         original, rows, size = load_model(str(asset("models/yolo11n-pose.pt"))), YOLO_ROWS, 640
@@ -66,7 +56,7 @@ def main(kind: str, synthetic: Path, epochs: int) -> None:
     print(f"| internal ratio | interface ratio | GFLOPs | fine-tuning (differences from the defaults) | {' / '.join(shown)} before | after | time |")
     print("|---|---|---|---|---|---|---|")
     for internal, interface, changes in rows:
-        student = pruned_with_scope(original, internal, interface)
+        student = pruned_with_ratios(original, lambda g: interface if "→" in g.name else internal)  # noqa: B023 (used at once)
         before = student.evaluate(data, imgsz=size, batch=16, device=CPU)
         start = time.perf_counter()
         finetune(student, original, images, settings=FinetuneSettings(epochs=epochs, **changes), device=CPU, seed=0,

@@ -10,29 +10,20 @@ images at 160 px, to see whether it ranks the groups as real mAP does.
 
 from __future__ import annotations
 
-import copy
 import sys
 from pathlib import Path
 
 import torch
-from common import asset, machine, private_copy
+from common import asset, machine, private_copy, pruned_with_ratios
 
-from dfbf_cli.adapters import ModelAdapter, load_model
+from dfbf_cli.adapters import load_model
 from dfbf_cli.engine.data import load_eval_data
 from dfbf_cli.engine.efficiency import gflops
 from dfbf_cli.engine.progressive import PROBE_MAX_IMGSZ, OutputImpact, ProgressiveSettings
-from dfbf_cli.engine.pruning import PruneSettings, apply_pruning, select_channels
+from dfbf_cli.engine.pruning import PruneSettings
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
 
 CPU = torch.device("cpu")
-
-
-def pruned_alone(original: ModelAdapter, name: str, ratio: float) -> ModelAdapter:
-    student = original.with_model(copy.deepcopy(original.model).eval())
-    groups = student.channel_groups()
-    kept = {g.name: select_channels(student.model, g, PruneSettings(ratio if g.name == name else 0.0)) for g in groups}
-    apply_pruning(student.model, groups, kept)
-    return student
 
 
 def main(ratio: float, synthetic: Path | None) -> None:
@@ -49,12 +40,11 @@ def main(ratio: float, synthetic: Path | None) -> None:
     metrics = original.evaluate(data, imgsz=640, batch=16, device=CPU)
     print(f"| none | - | - | {metrics['pose_map50_95']:.3f} / {metrics['box_map50_95']:.3f} | - |")
     for group in original.channel_groups():
-        student = pruned_alone(original, group.name, ratio)
+        student = pruned_with_ratios(original, lambda g: ratio if g.name == group.name else 0.0)  # noqa: B023 (used at once)
         metrics = student.evaluate(data, imgsz=640, batch=16, device=CPU)
         change = "-"
-        if impact is not None:  # the proxy measures the pruned backbone in place of the original's
-            impact.split = student.split()
-            change = f"{impact.score():.3f}"
+        if impact is not None:
+            change = f"{impact.score(student.split().backbone):.3f}"
         print(f"| {group.name} | {group.size} → {PruneSettings(ratio).keep_count(group.size)} | {gflops(student.model, example) / base - 1:+.1%} "
               f"| {metrics['pose_map50_95']:.3f} / {metrics['box_map50_95']:.3f} | {change} |", flush=True)
 

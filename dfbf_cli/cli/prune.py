@@ -6,11 +6,12 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Annotated
 
+import torch
 import typer
 from rich.table import Table
 
-from dfbf_cli.adapters import load_model
-from dfbf_cli.cli.common import DeviceOption, JsonOption, QuietOption, SeedOption, WeightsOption, session
+from dfbf_cli.adapters import ModelAdapter, load_model
+from dfbf_cli.cli.common import DeviceOption, JsonOption, QuietOption, SeedOption, Session, WeightsOption, session
 from dfbf_cli.engine.efficiency import Efficiency, measure_efficiency
 from dfbf_cli.engine.progressive import ProgressiveSettings, check_strategy, prune_with_strategy
 from dfbf_cli.engine.pruning import GroupOutcome, PruneSettings, require_ratio
@@ -51,7 +52,10 @@ def summary_table(before: Efficiency, after: Efficiency) -> Table:
     return table
 
 
-def pruned_model(ctx, original, settings: PruneSettings, strategy: str, probe, progressive: ProgressiveSettings, seed: int):
+def pruned_model(
+    ctx: Session, original: ModelAdapter, settings: PruneSettings, strategy: str, probe: torch.Tensor | None,
+    progressive: ProgressiveSettings, seed: int,
+) -> tuple[ModelAdapter, list[GroupOutcome]]:
     """Prune with a progress bar for the progressive strategy (shared by ``prune`` and ``compress``)."""
     with ctx.progress() as progress:
         task = progress.add_task(f"prune ({strategy})", total=None, status="")

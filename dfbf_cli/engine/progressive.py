@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from dfbf_cli.adapters.base import BackboneSplit, ModelAdapter
-from dfbf_cli.engine.pruning import ChannelGroup, GroupOutcome, PruneSettings, apply_pruning
+from dfbf_cli.engine.pruning import ChannelGroup, GroupOutcome, PruneSettings, apply_pruning, prune
 from dfbf_cli.errors import DfbfError
 
 STRATEGIES = ("oneshot", "progressive")
@@ -126,10 +126,11 @@ class OutputImpact:
         return [o.detach().clone() for o in self.split.backbone(self.inputs)]
 
     @torch.no_grad()
-    def score(self) -> float:
-        """α · relative change of the clean outputs + (1 − α) · that of the perturbed outputs."""
+    def score(self, backbone: nn.Module | None = None) -> float:
+        """α · relative change of the clean outputs + (1 − α) · that of the perturbed outputs, for the
+        backbone being edited or another of the same output shapes (a pruned copy)."""
         clean = perturbed = 0.0
-        for now, before in zip(self.split.backbone(self.inputs), self.reference):
+        for now, before in zip((backbone or self.split.backbone)(self.inputs), self.reference):
             scale = before.abs().mean() + 1e-8
             clean += float((now[: self.half] - before[: self.half]).abs().mean() / scale)
             perturbed += float((now[self.half :] - before[self.half :]).abs().mean() / scale)
@@ -220,8 +221,6 @@ def prune_with_strategy(
     progressive: ProgressiveSettings | None = None, seed: int = 0, on_step: StepCallback | None = None,
 ) -> tuple[ModelAdapter, list[GroupOutcome]]:
     """``oneshot`` (L1 / BN criterion, all at once) or ``progressive`` (needs synthetic probe images)."""
-    from dfbf_cli.engine.pruning import prune
-
     check_strategy(strategy)
     if strategy == "oneshot":
         return prune(adapter, settings)
