@@ -59,7 +59,8 @@ def cifar() -> None:
     report, seconds = compress("cifar-resnet56", "--weights", weights, "--ratio", "0.5", "--data", str(half_b))
     top1 = {stage: report["models"][stage]["metrics"]["top1"] for stage in ("original", "pruned", "compressed")}
     original = load_model("cifar-resnet56", weights)
-    count, epochs = PRESETS["balanced"].num_images(32), PRESETS["balanced"].epochs
+    count = PRESETS["balanced"].num_images(32)
+    epochs = PRESETS["balanced"].epochs(count, FinetuneSettings.batch)
     real = torch.from_numpy(x[np.random.default_rng(0).choice(half_a, count, replace=False)]).permute(0, 3, 1, 2).contiguous()
     data_b = load_eval_data(half_b)
     scores = {}
@@ -77,7 +78,8 @@ def yolo() -> None:
     original = load_model(model)
     run = WORK / "run"
     preset = PRESETS["balanced"]
-    size, epochs = preset.imgsz(original.input_spec.imgsz), preset.epochs
+    size = preset.imgsz(original.input_spec.imgsz)
+    epochs = preset.epochs(preset.num_images(size), FinetuneSettings.batch)
     photos = load_eval_data(asset("data/photos"))
     real = (torch.cat(list(photos.batches(size, 32)))[: preset.num_images(size)] * 255).round().to(torch.uint8)
     models = {"original": original, "pruned": original.reload(run / "pruned.pt"), "compressed": original.reload(run / "compressed.pt")}

@@ -182,3 +182,16 @@ def test_compress_yolo_end_to_end_loads_in_stock_ultralytics(run_cli, tmp_path, 
     )
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr[-2000:]
+
+
+def test_presets_budget_fine_tuning_in_optimiser_steps():
+    """A large-input model's small synthetic set gets more epochs, not fewer updates (docs/finetune.md)."""
+    from dfbf_cli.engine.presets import PRESETS
+
+    balanced = PRESETS["balanced"]
+    cifar_images, yolo_images = balanced.num_images(32), balanced.num_images(balanced.imgsz(640))
+    assert (cifar_images, yolo_images) == (1024, 128)
+    assert balanced.epochs(cifar_images, 32) == 30
+    assert balanced.epochs(yolo_images, 32) == 240  # the same 960 steps of 32 images
+    assert balanced.epochs(100, 32) == 320  # 3 full batches an epoch: the ragged one is dropped
+    assert balanced.epochs(10, 32) == 960  # fewer images than a batch: one batch of all of them

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
 import torch
 
 from dfbf_cli.adapters import load_model
+from dfbf_cli.adapters.base import BackboneSplit, InputSpec
 from dfbf_cli.engine.data import load_eval_data
 from dfbf_cli.engine.synthesis import SynthesisSettings, synthesize_batch
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
@@ -146,3 +148,24 @@ def test_synthesize_user_mistakes_exit_2(run_cli, tmp_path, args, message):
     paths = {"out": tmp_path / "new", "nowhere": tmp_path / "nowhere", "not_empty": tmp_path / "full"}
     result = run_cli(*[a.format(**paths) for a in args])
     assert result.code == 2 and message in result.stderr and "Traceback" not in result.stderr
+
+
+def test_optimisation_is_in_pixels_whatever_the_input_normalisation():
+    """Two models that compute the same function of the pixels, one fed raw [0, 1] pixels (like YOLO),
+    one ImageNet-normalised inputs, must get the same images: same noise, same steps, same priors."""
+    torch.manual_seed(0)
+    raw = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3), torch.nn.BatchNorm2d(8))
+    for bn in (raw[1], raw[4]):
+        bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2.0)
+    raw_spec = InputSpec(imgsz=16)
+    imagenet_spec = InputSpec(imgsz=16, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    normalised = copy.deepcopy(raw)
+    mean, std = torch.tensor(imagenet_spec.mean), torch.tensor(imagenet_spec.std)
+    with torch.no_grad():  # conv(x * std + mean) == conv'(x): fold the normalisation into the 1×1 conv
+        normalised[0].bias += (raw[0].weight[:, :, 0, 0] * mean).sum(1)
+        normalised[0].weight *= std.view(1, 3, 1, 1)
+    settings = SynthesisSettings(low_res_iterations=2, iterations=4, jitter=0, flip=False, class_weight=0.0)
+    made = [synthesize_batch(BackboneSplit(model, torch.nn.Identity(), []), spec, settings, count=4, imgsz=16, seed=0, device=torch.device("cpu"))[0]
+            for model, spec in ((raw, raw_spec), (normalised, imagenet_spec))]
+    assert made[0].float().std() > 10  # not a blank image
+    assert (made[0].int() - made[1].int()).abs().max() <= 1

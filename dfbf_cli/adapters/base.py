@@ -32,11 +32,19 @@ class InputSpec:
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
     channels: int = 3
 
+    def _moments(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        as_tensor = lambda v: torch.tensor(v, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)  # noqa: E731
+        return as_tensor(self.mean), as_tensor(self.std)
+
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """Map images in [0, 1] (N×3×H×W) to model inputs."""
-        mean = torch.tensor(self.mean, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
-        std = torch.tensor(self.std, device=images.device, dtype=images.dtype).view(1, -1, 1, 1)
+        mean, std = self._moments(images)
         return (images - mean) / std
+
+    def denormalize(self, inputs: torch.Tensor) -> torch.Tensor:
+        """Map model inputs back to images in [0, 1] (unclamped)."""
+        mean, std = self._moments(inputs)
+        return inputs * std + mean
 
     def to_dict(self) -> dict:
         return {"imgsz": self.imgsz, "mean": list(self.mean), "std": list(self.std), "channels": self.channels}

@@ -40,7 +40,7 @@ def compress_command(
     criterion: Annotated[str, typer.Option("--criterion", help="Channel importance: l1 or bn.")] = "l1",
     schedule: Annotated[str, typer.Option("--schedule", help="uniform or layer-dependent.")] = "uniform",
     strategy: Annotated[str, typer.Option("--strategy", help="oneshot, or progressive (Paoding-style, scored on the synthetic images).")] = "oneshot",
-    epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Fine-tuning epochs \\[default: preset].")] = None,
+    epochs: Annotated[int | None, typer.Option("--epochs", min=1, help="Fine-tuning epochs \\[default: the preset's optimiser steps over the synthetic set].")] = None,
     imgsz: Annotated[int | None, typer.Option("--imgsz", min=8, help="Synthesis and fine-tuning image size \\[default: the model's, capped by the preset].")] = None,
     allow_teacher_mismatch: AllowMismatchOption = False,
     weights: WeightsOption = None,
@@ -73,19 +73,21 @@ def compress_command(
         eval_data = load_eval_data(data) if data else None
         original = load_model(model, weights)
         size = imgsz or chosen.imgsz(original.input_spec.imgsz)
-        finetune_settings = FinetuneSettings(epochs=epochs or chosen.epochs)
         fingerprint = original.fingerprint()
+        dataset = None
+        if synthetic is not None:
+            dataset = SyntheticDataset.open(synthetic)
+            dataset.verify()
+            dataset.check_teacher(fingerprint, allow_mismatch=allow_teacher_mismatch)
+        num_images = dataset.num_images if dataset else chosen.num_images(size)
+        finetune_settings = FinetuneSettings(epochs=epochs or chosen.epochs(num_images, FinetuneSettings.batch))
         request = {"model": model, "fingerprint": fingerprint, "ratio": ratio, "preset": preset, "criterion": criterion,
                    "schedule": schedule, "strategy": strategy, "epochs": finetune_settings.epochs, "imgsz": size, "seed": seed,
                    "synthetic": None if synthetic is None else str(synthetic.resolve()), "data": data}
         run = RunDirectory.prepare(out or Path(f"{Path(original.name.split(':')[-1]).stem}-compressed"), original.default_suffix, request)
 
-        if synthetic is not None:
-            dataset = SyntheticDataset.open(synthetic)
-            dataset.verify()
-            dataset.check_teacher(fingerprint, allow_mismatch=allow_teacher_mismatch)
-        else:
-            plan = plan_synthesis(original, run.synthetic, num_images=chosen.num_images(size), imgsz=size, batch=32,
+        if dataset is None:
+            plan = plan_synthesis(original, run.synthetic, num_images=num_images, imgsz=size, batch=32,
                                   settings=chosen.synthesis, seed=seed)
             dataset = run_synthesis_with_progress(ctx, original, plan)
 

@@ -1,11 +1,14 @@
 """Named budgets for synthesis and fine-tuning (``--preset``), shared by ``synthesize`` and ``compress``.
 
 Small inputs (CIFAR's 32 px) are cheap to synthesise, so they get many more images than large
-ones (YOLO's hundreds of pixels); the split is by input size alone, never by task.
+ones (YOLO's hundreds of pixels); the split is by input size alone, never by task. Fine-tuning is
+budgeted in optimiser steps, not epochs, so the small synthetic set of a large-input model gets more
+passes over it rather than eight times fewer updates (docs/finetune.md).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from dfbf_cli.engine.synthesis import SynthesisSettings
@@ -19,7 +22,11 @@ class Preset:
     images_large: int
     max_imgsz: int | None  # synthesis and fine-tuning size cap for large inputs (None: the model's own)
     synthesis: SynthesisSettings
-    epochs: int
+    finetune_steps: int
+
+    def epochs(self, num_images: int, batch: int) -> int:
+        """Epochs that give ``finetune_steps`` optimiser steps over ``num_images`` images (full batches)."""
+        return max(1, math.ceil(self.finetune_steps / max(1, num_images // min(batch, num_images))))
 
     def num_images(self, imgsz: int) -> int:
         return self.images_small if imgsz <= SMALL_INPUT else self.images_large
@@ -29,7 +36,7 @@ class Preset:
 
 
 PRESETS = {
-    "quick": Preset(256, 16, 256, SynthesisSettings(low_res_iterations=50, iterations=50), epochs=5),
-    "balanced": Preset(1024, 128, 320, SynthesisSettings(low_res_iterations=100, iterations=100), epochs=30),
-    "paper": Preset(4096, 512, None, SynthesisSettings(low_res_iterations=2000, iterations=1000), epochs=100),
+    "quick": Preset(256, 16, 256, SynthesisSettings(low_res_iterations=50, iterations=50), finetune_steps=40),  # 5 epochs of 256 images in batches of 32
+    "balanced": Preset(1024, 128, 320, SynthesisSettings(low_res_iterations=100, iterations=100), finetune_steps=960),  # 30 epochs of 1024
+    "paper": Preset(4096, 512, None, SynthesisSettings(low_res_iterations=2000, iterations=1000), finetune_steps=12800),  # 100 epochs of 4096
 }

@@ -26,6 +26,11 @@ from dfbf_cli.adapters.base import BackboneSplit, InputSpec, ModelAdapter
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
 
 REFERENCE_IMGSZ = 224  # jitter is given in pixels at this size and scaled with the image size
+# The images are optimised in one pixel scale whatever the model's own input normalisation, so the
+# step size, initial noise and priors mean the same for every model: ImageNet's statistics, which
+# DeepInversion's settings were tuned for. (A YOLO model takes raw [0, 1] pixels; optimising in its
+# input space made every step four times larger and the noise start saturated.)
+PIXEL_SCALE = InputSpec(imgsz=0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
 
 
 @dataclass(frozen=True)
@@ -111,15 +116,16 @@ def synthesize_batch(
     generator = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
     x = torch.randn(count, 3, imgsz, imgsz, generator=generator).to(device).requires_grad_(True)
-    lower = spec.normalize(torch.zeros(1, 3, 1, 1, device=device))
-    upper = spec.normalize(torch.ones(1, 3, 1, 1, device=device))
+    lower = PIXEL_SCALE.normalize(torch.zeros(1, 3, 1, 1, device=device))
+    upper = PIXEL_SCALE.normalize(torch.ones(1, 3, 1, 1, device=device))
+    to_model = _rescaling(PIXEL_SCALE, spec, device)
     jitter = max(1, round(settings.jitter * imgsz / REFERENCE_IMGSZ)) if settings.jitter else 0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     phases = [(2, settings.low_res_iterations), (1, settings.iterations)]
     phases = [(factor, n) for factor, n in phases if n > 0]
     best, best_loss, done = x.detach().clone(), math.inf, 0
     with frozen(split.backbone), frozen(split.head), BatchNormStatsLoss(split.backbone, settings.first_bn_multiplier) as bn:
-        bn_start = _bn_loss(split, bn, x, autocast)
+        bn_start = _bn_loss(split, bn, to_model(x), autocast)
         for phase, (factor, iterations) in enumerate(phases):
             optimizer = torch.optim.Adam([x], lr=settings.lr, betas=settings.betas, eps=1e-8)
             final_phase = phase == len(phases) - 1
@@ -132,7 +138,7 @@ def synthesize_batch(
                 if settings.flip and rng.random() < 0.5:
                     inputs = inputs.flip(3)
                 with autocast:
-                    features = split.backbone(inputs)
+                    features = split.backbone(to_model(inputs))
                     class_loss = 0.0
                     if labels is not None:
                         class_loss = F.cross_entropy(split.head(features).float(), labels)
@@ -149,8 +155,17 @@ def synthesize_batch(
                 done += 1
                 if on_step:
                     on_step(done, loss.item())
-        bn_end = _bn_loss(split, bn, best, autocast)
-    return _to_uint8(best, spec), {"bn_loss_start": bn_start, "bn_loss_end": bn_end, "best_loss": best_loss}
+        bn_end = _bn_loss(split, bn, to_model(best), autocast)
+    return PIXEL_SCALE.denormalize(best).clamp(0, 1).mul(255).round().to(torch.uint8).cpu(), {"bn_loss_start": bn_start, "bn_loss_end": bn_end, "best_loss": best_loss}
+
+
+def _rescaling(source: InputSpec, target: InputSpec, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Inputs normalised by ``source`` → inputs normalised by ``target``, as one affine map (exactly the
+    identity when the two agree, so classifiers' images are unchanged bit for bit)."""
+    as_column = lambda v: torch.tensor(v, device=device).view(1, -1, 1, 1)  # noqa: E731
+    scale = as_column(source.std) / as_column(target.std)
+    shift = (as_column(source.mean) - as_column(target.mean)) / as_column(target.std)
+    return lambda inputs: inputs * scale + shift
 
 
 @torch.no_grad()
@@ -159,12 +174,6 @@ def _bn_loss(split: BackboneSplit, bn: BatchNormStatsLoss, x: torch.Tensor, auto
     with autocast:
         split.backbone(x)
     return bn.value().item()
-
-
-def _to_uint8(x: torch.Tensor, spec: InputSpec) -> torch.Tensor:
-    mean = torch.tensor(spec.mean, device=x.device).view(1, -1, 1, 1)
-    std = torch.tensor(spec.std, device=x.device).view(1, -1, 1, 1)
-    return (x * std + mean).clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
 
 
 def shard_seed(seed: int, shard_index: int) -> int:
