@@ -11,9 +11,10 @@ from rich.progress import Progress
 from dfbf_cli.adapters import ModelAdapter, load_model
 from dfbf_cli.cli.common import DeviceOption, JsonOption, QuietOption, SeedOption, TeacherWeightsOption, WeightsOption, session
 from dfbf_cli.engine.finetune import EpochRecord, FinetuneSettings, finetune
+from dfbf_cli.engine.presets import PRESETS
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
 
-EpochsOption = Annotated[int, typer.Option("--epochs", min=1, help="Passes over the synthetic images.")]
+EpochsOption = Annotated[int | None, typer.Option("--epochs", min=1, help="Passes over the synthetic images \\[default: the balanced preset's 960 optimiser steps: 30 passes over 1,024 images, 240 over 128].", show_default=False)]
 BatchOption = Annotated[int, typer.Option("--batch", min=2, help="Images per step.")]
 LrOption = Annotated[float, typer.Option("--lr", help="Peak learning rate (cosine schedule).")]
 WeightDecayOption = Annotated[float, typer.Option("--weight-decay", help="L2 weight decay; 0 measured best with adam (the reference's SGD used 5e-4).")]
@@ -52,7 +53,7 @@ def finetune_command(
     teacher: Annotated[str, typer.Option("--teacher", help="The original, unpruned model.", show_default=False)],
     data: Annotated[Path, typer.Option("--data", help="Synthetic dataset directory (from 'dfbf synthesize' on the teacher).", show_default=False)],
     out: Annotated[Path | None, typer.Option("--out", help="Output model file, in the input's format \\[default: NAME-finetuned.EXT here].", show_default=False)] = None,
-    epochs: EpochsOption = 20,
+    epochs: EpochsOption = None,
     batch: BatchOption = 32,
     lr: LrOption = 1e-3,
     weight_decay: WeightDecayOption = 0.0,
@@ -79,12 +80,12 @@ def finetune_command(
       dfbf finetune yolo11n-pose-pruned30.pt --teacher yolo11n-pose.pt --data synth/ --out yolo11n-pose-ft.pt
     """
     with session(device=device, seed=seed, quiet=quiet, json_mode=json_output) as ctx:
-        settings = FinetuneSettings(epochs=epochs, batch=batch, lr=lr, weight_decay=weight_decay, optimizer=optimizer, loss=loss, tap_weights=tap_weights, bn=bn)
+        dataset = SyntheticDataset.open(data)
+        settings = FinetuneSettings(epochs=epochs or PRESETS["balanced"].epochs(dataset.num_images, batch), batch=batch, lr=lr, weight_decay=weight_decay, optimizer=optimizer, loss=loss, tap_weights=tap_weights, bn=bn)
         settings.validate()
         student = load_model(pruned, weights)
         original = load_model(teacher, teacher_weights)
         path = student.output_path(out, "finetuned")
-        dataset = SyntheticDataset.open(data)
         dataset.check_teacher(original.fingerprint(), allow_mismatch=allow_teacher_mismatch)
         state_path = path.with_name(f"{path.stem}.finetune-state.pt")
         with ctx.progress() as progress:

@@ -156,7 +156,8 @@ def synthesize_batch(
                 if on_step:
                     on_step(done, loss.item())
         bn_end = _bn_loss(split, bn, to_model(best), autocast)
-    return PIXEL_SCALE.denormalize(best).clamp(0, 1).mul(255).round().to(torch.uint8).cpu(), {"bn_loss_start": bn_start, "bn_loss_end": bn_end, "best_loss": best_loss}
+    images = PIXEL_SCALE.denormalize(best).clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
+    return images, {"bn_loss_start": bn_start, "bn_loss_end": bn_end, "best_loss": best_loss}
 
 
 def _rescaling(source: InputSpec, target: InputSpec, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
