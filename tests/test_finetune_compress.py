@@ -195,3 +195,4 @@ def test_presets_budget_fine_tuning_in_optimiser_steps():
     assert balanced.epochs(yolo_images, 32) == 240  # the same 960 steps of 32 images
     assert balanced.epochs(100, 32) == 320  # 3 full batches an epoch: the ragged one is dropped
     assert balanced.epochs(10, 32) == 960  # fewer images than a batch: one batch of all of them
+    assert balanced.epochs(0, 32) == 960  # an unfilled dataset is refused later, with its own message

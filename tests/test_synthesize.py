@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dfbf_cli.adapters import load_model
-from dfbf_cli.adapters.base import BackboneSplit, InputSpec
+from dfbf_cli.adapters.base import IMAGENET, BackboneSplit, InputSpec
 from dfbf_cli.engine.data import load_eval_data
 from dfbf_cli.engine.synthesis import SynthesisSettings, synthesize_batch
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
@@ -158,7 +158,7 @@ def test_optimisation_is_in_pixels_whatever_the_input_normalisation():
     for bn in (raw[1], raw[4]):
         bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2.0)
     raw_spec = InputSpec(imgsz=16)
-    imagenet_spec = InputSpec(imgsz=16, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+    imagenet_spec = IMAGENET
     normalised = copy.deepcopy(raw)
     mean, std = torch.tensor(imagenet_spec.mean), torch.tensor(imagenet_spec.std)
     with torch.no_grad():  # conv(x * std + mean) == conv'(x): fold the normalisation into the 1×1 conv

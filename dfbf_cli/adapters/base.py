@@ -32,22 +32,26 @@ class InputSpec:
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
     channels: int = 3
 
-    def _moments(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def moments(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean and std as 1×C×1×1 tensors on ``like``'s device and dtype."""
         as_tensor = lambda v: torch.tensor(v, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)  # noqa: E731
         return as_tensor(self.mean), as_tensor(self.std)
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """Map images in [0, 1] (N×3×H×W) to model inputs."""
-        mean, std = self._moments(images)
+        mean, std = self.moments(images)
         return (images - mean) / std
 
     def denormalize(self, inputs: torch.Tensor) -> torch.Tensor:
         """Map model inputs back to images in [0, 1] (unclamped)."""
-        mean, std = self._moments(inputs)
+        mean, std = self.moments(inputs)
         return inputs * std + mean
 
     def to_dict(self) -> dict:
         return {"imgsz": self.imgsz, "mean": list(self.mean), "std": list(self.std), "channels": self.channels}
+
+
+IMAGENET = InputSpec(imgsz=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))  # torchvision's normalisation
 
 
 @dataclass

@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dfbf_cli.adapters.base import BackboneSplit, InputSpec, ModelAdapter
+from dfbf_cli.adapters.base import IMAGENET, BackboneSplit, InputSpec, ModelAdapter
 from dfbf_cli.adapters.cifar_resnet import DEPTHS, CifarResNet
 from dfbf_cli.engine.data import EvalData, ImageFolder, LabelledImages
 from dfbf_cli.engine.files import atomic_path
@@ -27,8 +27,6 @@ from dfbf_cli.errors import DfbfError
 
 log = logging.getLogger("dfbf")
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 ARCH_METADATA_KEY = "dfbf.arch"  # written into .safetensors so a saved model is self-describing
 
 
@@ -153,7 +151,7 @@ def load_classifier(arch: str, weights: str | None) -> ClassifierAdapter:
     suffix = weights_file.suffix if weights_file and weights_file.suffix in {".pth", ".pt", ".th"} else ".safetensors"
     return ClassifierAdapter(
         model.eval(), task="classify", name=arch, source=weights_file, suffix=suffix,
-        input_spec=InputSpec(imgsz, IMAGENET_MEAN, IMAGENET_STD),
+        input_spec=InputSpec(imgsz, IMAGENET.mean, IMAGENET.std),
     )
 
 

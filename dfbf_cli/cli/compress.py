@@ -19,7 +19,7 @@ from dfbf_cli.engine.compress import STAGES, RunDirectory, metric_drop, write_re
 from dfbf_cli.engine.data import ImageFolder, load_eval_data
 from dfbf_cli.engine.evaluate import evaluate_models
 from dfbf_cli.engine.finetune import EpochRecord, FinetuneSettings
-from dfbf_cli.engine.presets import PRESETS
+from dfbf_cli.engine.presets import DEFAULT_PRESET, PRESETS
 from dfbf_cli.engine.progressive import ProgressiveSettings, check_strategy
 from dfbf_cli.engine.pruning import PruneSettings, require_ratio
 from dfbf_cli.engine.synthesis import plan_synthesis
@@ -35,7 +35,7 @@ def compress_command(
     data: Annotated[str | None, typer.Option("--data", help="Labelled data to score original, pruned and compressed models; or a folder of real photos (agreement with the original).")] = None,
     synthetic: Annotated[Path | None, typer.Option("--synthetic", help="Reuse this synthetic dataset (from 'dfbf synthesize') instead of making one in the run directory.")] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Run directory; re-running the same command there resumes it \\[default: NAME-compressed/].", show_default=False)] = None,
-    preset: Annotated[str, typer.Option("--preset", help="Budget: quick (minutes), balanced, paper (the reference settings: slow).")] = "balanced",
+    preset: Annotated[str, typer.Option("--preset", help="Budget: quick (minutes), balanced, paper (the reference settings: slow).")] = DEFAULT_PRESET,
     max_drop: Annotated[float | None, typer.Option("--max-drop", help="Exit 1 if the task metric drops by more than this (in its own units: mAP 0-1, top-1 percent).")] = None,
     criterion: Annotated[str, typer.Option("--criterion", help="Channel importance: l1 or bn.")] = "l1",
     schedule: Annotated[str, typer.Option("--schedule", help="uniform or layer-dependent.")] = "uniform",

@@ -11,7 +11,7 @@ from rich.progress import Progress
 from dfbf_cli.adapters import ModelAdapter, load_model
 from dfbf_cli.cli.common import DeviceOption, JsonOption, QuietOption, SeedOption, TeacherWeightsOption, WeightsOption, session
 from dfbf_cli.engine.finetune import EpochRecord, FinetuneSettings, finetune
-from dfbf_cli.engine.presets import PRESETS
+from dfbf_cli.engine.presets import DEFAULT_PRESET, PRESETS
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
 
 EpochsOption = Annotated[int | None, typer.Option("--epochs", min=1, help="Passes over the synthetic images \\[default: the balanced preset's 960 optimiser steps: 30 passes over 1,024 images, 240 over 128].", show_default=False)]
@@ -81,7 +81,7 @@ def finetune_command(
     """
     with session(device=device, seed=seed, quiet=quiet, json_mode=json_output) as ctx:
         dataset = SyntheticDataset.open(data)
-        settings = FinetuneSettings(epochs=epochs or PRESETS["balanced"].epochs(dataset.num_images, batch), batch=batch, lr=lr, weight_decay=weight_decay, optimizer=optimizer, loss=loss, tap_weights=tap_weights, bn=bn)
+        settings = FinetuneSettings(epochs=epochs or PRESETS[DEFAULT_PRESET].epochs(dataset.num_images, batch), batch=batch, lr=lr, weight_decay=weight_decay, optimizer=optimizer, loss=loss, tap_weights=tap_weights, bn=bn)
         settings.validate()
         student = load_model(pruned, weights)
         original = load_model(teacher, teacher_weights)

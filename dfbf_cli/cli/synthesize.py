@@ -11,7 +11,7 @@ from rich.table import Table
 
 from dfbf_cli.adapters import ModelAdapter, load_model
 from dfbf_cli.cli.common import DeviceOption, JsonOption, QuietOption, SeedOption, WeightsOption, session
-from dfbf_cli.engine.presets import PRESETS
+from dfbf_cli.engine.presets import DEFAULT_PRESET, PRESETS
 from dfbf_cli.engine.synthesis import SynthesisPlan, plan_synthesis, run_synthesis
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
 from dfbf_cli.errors import DfbfError
@@ -61,7 +61,7 @@ def run_synthesis_with_progress(ctx, adapter: ModelAdapter, plan: SynthesisPlan)
 def synthesize_command(
     model: Annotated[str | None, typer.Argument(help="The model to synthesise images from (its backbone's BatchNorm statistics).", show_default=False)] = None,
     out: Annotated[Path | None, typer.Option("--out", help="Dataset directory: created, or continued when it holds the same settings.", show_default=False)] = None,
-    preset: Annotated[str, PresetName] = "balanced",
+    preset: Annotated[str, PresetName] = DEFAULT_PRESET,
     num_images: Annotated[int | None, typer.Option("--num-images", min=1, help="Images wanted in total (more than exist: the rest are appended) \\[default: preset].")] = None,
     imgsz: Annotated[int | None, typer.Option("--imgsz", min=8, help="Image size \\[default: the model's, capped by the preset].")] = None,
     iterations: Annotated[int | None, typer.Option("--iterations", min=1, help="Full-resolution steps per batch \\[default: preset].")] = None,

@@ -25,8 +25,9 @@ class Preset:
     finetune_steps: int
 
     def epochs(self, num_images: int, batch: int) -> int:
-        """Epochs that give ``finetune_steps`` optimiser steps over ``num_images`` images (full batches)."""
-        return max(1, math.ceil(self.finetune_steps / max(1, num_images // min(batch, num_images))))
+        """Epochs that give ``finetune_steps`` optimiser steps over ``num_images`` images (full batches;
+        fewer images than a batch make one batch)."""
+        return math.ceil(self.finetune_steps / max(1, num_images // batch))
 
     def num_images(self, imgsz: int) -> int:
         return self.images_small if imgsz <= SMALL_INPUT else self.images_large
@@ -35,6 +36,7 @@ class Preset:
         return min(model_imgsz, self.max_imgsz or model_imgsz)
 
 
+DEFAULT_PRESET = "balanced"
 PRESETS = {
     "quick": Preset(256, 16, 256, SynthesisSettings(low_res_iterations=50, iterations=50), finetune_steps=40),  # 5 epochs of 256 images in batches of 32
     "balanced": Preset(1024, 128, 320, SynthesisSettings(low_res_iterations=100, iterations=100), finetune_steps=960),  # 30 epochs of 1024

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfbf_cli.adapters.base import BackboneSplit, InputSpec, ModelAdapter
+from dfbf_cli.adapters.base import IMAGENET, BackboneSplit, InputSpec, ModelAdapter
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
 
 REFERENCE_IMGSZ = 224  # jitter is given in pixels at this size and scaled with the image size
@@ -30,7 +30,7 @@ REFERENCE_IMGSZ = 224  # jitter is given in pixels at this size and scaled with 
 # step size, initial noise and priors mean the same for every model: ImageNet's statistics, which
 # DeepInversion's settings were tuned for. (A YOLO model takes raw [0, 1] pixels; optimising in its
 # input space made every step four times larger and the noise start saturated.)
-PIXEL_SCALE = InputSpec(imgsz=0, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))
+PIXEL_SCALE = IMAGENET
 
 
 @dataclass(frozen=True)
@@ -118,7 +118,7 @@ def synthesize_batch(
     x = torch.randn(count, 3, imgsz, imgsz, generator=generator).to(device).requires_grad_(True)
     lower = PIXEL_SCALE.normalize(torch.zeros(1, 3, 1, 1, device=device))
     upper = PIXEL_SCALE.normalize(torch.ones(1, 3, 1, 1, device=device))
-    to_model = _rescaling(PIXEL_SCALE, spec, device)
+    to_model = _rescaling(PIXEL_SCALE, spec, x)
     jitter = max(1, round(settings.jitter * imgsz / REFERENCE_IMGSZ)) if settings.jitter else 0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     phases = [(2, settings.low_res_iterations), (1, settings.iterations)]
@@ -160,12 +160,11 @@ def synthesize_batch(
     return images, {"bn_loss_start": bn_start, "bn_loss_end": bn_end, "best_loss": best_loss}
 
 
-def _rescaling(source: InputSpec, target: InputSpec, device: torch.device) -> Callable[[torch.Tensor], torch.Tensor]:
+def _rescaling(source: InputSpec, target: InputSpec, like: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
     """Inputs normalised by ``source`` → inputs normalised by ``target``, as one affine map (exactly the
     identity when the two agree, so classifiers' images are unchanged bit for bit)."""
-    as_column = lambda v: torch.tensor(v, device=device).view(1, -1, 1, 1)  # noqa: E731
-    scale = as_column(source.std) / as_column(target.std)
-    shift = (as_column(source.mean) - as_column(target.mean)) / as_column(target.std)
+    (source_mean, source_std), (target_mean, target_std) = source.moments(like), target.moments(like)
+    scale, shift = source_std / target_std, (source_mean - target_mean) / target_std
     return lambda inputs: inputs * scale + shift
 
 
