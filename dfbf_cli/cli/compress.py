@@ -88,7 +88,7 @@ def compress_command(
 
         if dataset is None:
             plan = plan_synthesis(original, run.synthetic, num_images=num_images, imgsz=size, batch=32,
-                                  settings=chosen.synthesis, seed=seed)
+                                  settings=chosen.synthesis(size), seed=seed)
             dataset = run_synthesis_with_progress(ctx, original, plan)
 
         if run.pruned.exists():
