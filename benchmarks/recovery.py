@@ -1,7 +1,7 @@
 """Does dfbf recover a pruned model without data? The quality table of docs/benchmarks.md.
 
     .venv/bin/python benchmarks/recovery.py cifar     # CIFAR ResNet-56, ratio 0.5 (≈25 min here)
-    .venv/bin/python benchmarks/recovery.py yolo      # yolo11n-pose, ratio 0.3 (≈45 min here)
+    .venv/bin/python benchmarks/recovery.py yolo      # yolo11n-pose, ratio 0.3 (≈95 min here)
 
 Columns: unpruned | pruned, no fine-tune | `dfbf compress` (balanced preset, run as a user would, timed)
 | control: the same fine-tune on Gaussian-noise images | upper bound: the same fine-tune on as many
@@ -60,7 +60,7 @@ def cifar() -> None:
     top1 = {stage: report["models"][stage]["metrics"]["top1"] for stage in ("original", "pruned", "compressed")}
     original = load_model("cifar-resnet56", weights)
     count = PRESETS["balanced"].num_images(32)
-    epochs = PRESETS["balanced"].epochs(count, FinetuneSettings.batch)
+    epochs = PRESETS["balanced"].epochs(count, FinetuneSettings.batch, 32)
     real = torch.from_numpy(x[np.random.default_rng(0).choice(half_a, count, replace=False)]).permute(0, 3, 1, 2).contiguous()
     data_b = load_eval_data(half_b)
     scores = {}
@@ -79,7 +79,7 @@ def yolo() -> None:
     run = WORK / "run"
     preset = PRESETS["balanced"]
     size = preset.imgsz(original.input_spec.imgsz)
-    epochs = preset.epochs(preset.num_images(size), FinetuneSettings.batch)
+    epochs = preset.epochs(preset.num_images(size), FinetuneSettings.batch, size)
     photos = load_eval_data(asset("data/photos"))
     real = (torch.cat(list(photos.batches(size, 32)))[: preset.num_images(size)] * 255).round().to(torch.uint8)
     models = {"original": original, "pruned": original.reload(run / "pruned.pt"), "compressed": original.reload(run / "compressed.pt")}

@@ -185,28 +185,16 @@ def test_compress_yolo_end_to_end_loads_in_stock_ultralytics(run_cli, tmp_path, 
 
 
 def test_presets_budget_fine_tuning_in_optimiser_steps():
-    """A large-input model's small synthetic set gets more epochs, not fewer updates (docs/finetune.md)."""
+    """A large-input model's small synthetic set gets more epochs, not fewer updates, and large inputs
+    twice the steps (docs/finetune.md)."""
     from dfbf_cli.engine.presets import PRESETS
 
     balanced = PRESETS["balanced"]
     cifar_images, yolo_images = balanced.num_images(32), balanced.num_images(balanced.imgsz(640))
     assert (cifar_images, yolo_images) == (1024, 128)
-    assert balanced.epochs(cifar_images, 32) == 30
-    assert balanced.epochs(yolo_images, 32) == 240  # the same 960 steps of 32 images
-    assert balanced.epochs(100, 32) == 320  # 3 full batches an epoch: the ragged one is dropped
-    assert balanced.epochs(10, 32) == 960  # fewer images than a batch: one batch of all of them
-    assert balanced.epochs(0, 32) == 960  # an unfilled dataset is refused later, with its own message
-
-
-def test_balanced_preset_gives_large_inputs_more_synthesis_steps():
-    """Few large images get twice the steps each (docs/synthesis.md); small inputs keep the settings their results were measured with."""
-    from dataclasses import replace
-
-    from dfbf_cli.engine.presets import PRESETS
-
-    balanced = PRESETS["balanced"]
-    small, large = balanced.synthesis(32), balanced.synthesis(balanced.imgsz(640))
-    assert (small.low_res_iterations, small.iterations) == (100, 100)
-    assert (large.low_res_iterations, large.iterations) == (200, 200)
-    assert replace(large, low_res_iterations=100, iterations=100) == small  # nothing else differs
-    assert PRESETS["paper"].synthesis(32) == PRESETS["paper"].synthesis(640)  # the reference's settings for every size
+    assert balanced.epochs(cifar_images, 32, 32) == 30  # 960 steps of 32 images
+    assert balanced.epochs(yolo_images, 32, 320) == 480  # 1,920 steps
+    assert balanced.epochs(100, 32, 32) == 320  # 3 full batches an epoch: the ragged one is dropped
+    assert balanced.epochs(10, 32, 32) == 960  # fewer images than a batch: one batch of all of them
+    assert balanced.epochs(0, 32, 32) == 960  # an unfilled dataset is refused later, with its own message
+    assert balanced.epochs(128, 32, 64) == 240 and balanced.epochs(128, 32, 65) == 480  # the split is by input size alone

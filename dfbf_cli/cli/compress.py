@@ -80,7 +80,7 @@ def compress_command(
             dataset.verify()
             dataset.check_teacher(fingerprint, allow_mismatch=allow_teacher_mismatch)
         num_images = dataset.num_images if dataset else chosen.num_images(size)
-        finetune_settings = FinetuneSettings(epochs=epochs or chosen.epochs(num_images, FinetuneSettings.batch))
+        finetune_settings = FinetuneSettings(epochs=epochs or chosen.epochs(num_images, FinetuneSettings.batch, dataset.imgsz if dataset else size))
         request = {"model": model, "fingerprint": fingerprint, "ratio": ratio, "preset": preset, "criterion": criterion,
                    "schedule": schedule, "strategy": strategy, "epochs": finetune_settings.epochs, "imgsz": size, "seed": seed,
                    "synthetic": None if synthetic is None else str(synthetic.resolve()), "data": data}
@@ -88,7 +88,7 @@ def compress_command(
 
         if dataset is None:
             plan = plan_synthesis(original, run.synthetic, num_images=num_images, imgsz=size, batch=32,
-                                  settings=chosen.synthesis(size), seed=seed)
+                                  settings=chosen.synthesis, seed=seed)
             dataset = run_synthesis_with_progress(ctx, original, plan)
 
         if run.pruned.exists():

@@ -14,7 +14,7 @@ from dfbf_cli.engine.finetune import EpochRecord, FinetuneSettings, finetune
 from dfbf_cli.engine.presets import DEFAULT_PRESET, PRESETS
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
 
-EpochsOption = Annotated[int | None, typer.Option("--epochs", min=1, help="Passes over the synthetic images \\[default: the balanced preset's 960 optimiser steps: 30 passes over 1,024 images, 240 over 128].", show_default=False)]
+EpochsOption = Annotated[int | None, typer.Option("--epochs", min=1, help="Passes over the synthetic images \\[default: the balanced preset's optimiser steps: 960 for inputs up to 64 px (30 passes over 1,024 images), 1,920 for larger ones (480 passes over 128)].", show_default=False)]
 BatchOption = Annotated[int, typer.Option("--batch", min=2, help="Images per step.")]
 LrOption = Annotated[float, typer.Option("--lr", help="Peak learning rate (cosine schedule).")]
 WeightDecayOption = Annotated[float, typer.Option("--weight-decay", help="L2 weight decay; 0 measured best with adam (the reference's SGD used 5e-4).")]
@@ -81,7 +81,7 @@ def finetune_command(
     """
     with session(device=device, seed=seed, quiet=quiet, json_mode=json_output) as ctx:
         dataset = SyntheticDataset.open(data)
-        settings = FinetuneSettings(epochs=epochs or PRESETS[DEFAULT_PRESET].epochs(dataset.num_images, batch), batch=batch, lr=lr, weight_decay=weight_decay, optimizer=optimizer, loss=loss, tap_weights=tap_weights, bn=bn)
+        settings = FinetuneSettings(epochs=epochs or PRESETS[DEFAULT_PRESET].epochs(dataset.num_images, batch, dataset.imgsz), batch=batch, lr=lr, weight_decay=weight_decay, optimizer=optimizer, loss=loss, tap_weights=tap_weights, bn=bn)
         settings.validate()
         student = load_model(pruned, weights)
         original = load_model(teacher, teacher_weights)

@@ -100,11 +100,10 @@ def synthesize_command(
         chosen = PRESETS[preset]
         adapter = load_model(model, weights)
         size = imgsz or chosen.imgsz(adapter.input_spec.imgsz)
-        preset_settings = chosen.synthesis(size)
         settings = replace(
-            preset_settings,
-            iterations=preset_settings.iterations if iterations is None else iterations,
-            low_res_iterations=preset_settings.low_res_iterations if low_res_iterations is None else low_res_iterations,
+            chosen.synthesis,
+            iterations=chosen.synthesis.iterations if iterations is None else iterations,
+            low_res_iterations=chosen.synthesis.low_res_iterations if low_res_iterations is None else low_res_iterations,
         )
         wanted = num_images or chosen.num_images(size)
         plan = plan_synthesis(adapter, out, num_images=wanted, imgsz=size, batch=batch, settings=settings, seed=seed)
