@@ -42,9 +42,9 @@ class Preset:
 DEFAULT_PRESET = "balanced"
 PRESETS = {
     # steps: 5 epochs of 256 images in batches of 32
-    "quick": Preset(256, 16, 256, SynthesisSettings(low_res_iterations=50, iterations=50), 40, 40),
+    "quick": Preset(256, 16, 256, SynthesisSettings(low_res_iterations=50, iterations=50), finetune_steps_small=40, finetune_steps_large=40),
     # 30 epochs of 1,024 small images; 480 epochs of 128 large ones
-    "balanced": Preset(1024, 128, 320, SynthesisSettings(low_res_iterations=100, iterations=100), 960, 1920),
+    "balanced": Preset(1024, 128, 320, SynthesisSettings(low_res_iterations=100, iterations=100), finetune_steps_small=960, finetune_steps_large=1920),
     # 100 epochs of 4,096 small images; 800 of 512 large ones
-    "paper": Preset(4096, 512, None, SynthesisSettings(low_res_iterations=2000, iterations=1000), 12800, 12800),
+    "paper": Preset(4096, 512, None, SynthesisSettings(low_res_iterations=2000, iterations=1000), finetune_steps_small=12800, finetune_steps_large=12800),
 }
