@@ -18,7 +18,7 @@ import copy
 from pathlib import Path
 
 import torch
-from common import asset, machine, private_copy
+from common import as_uint8, asset, machine, private_copy
 from torch import nn
 
 from dfbf_cli.adapters import ModelAdapter, load_model
@@ -52,7 +52,7 @@ def main() -> None:
     args = parser.parse_args()
     original = load_model(str(asset("models/yolo11n-pose.pt")))
     labelled = load_eval_data(private_copy("coco-mini-pose"))
-    photos = (torch.cat(list(load_eval_data(asset("data/photos")).batches(320, BATCH))) * 255).round().to(torch.uint8)
+    photos = as_uint8(load_eval_data(asset("data/photos")), 320)
     sets = {"150 real photos, 320 px": photos} | {str(d): SyntheticDataset.open(d).load()[0] for d in args.synthetic}
     print(f"machine: {machine(CPU)}\n\n| statistics from | images | pose / box mAP50-95 |\n|---|---|---|")
     metrics = original.evaluate(labelled, imgsz=640, batch=16, device=CPU)

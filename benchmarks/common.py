@@ -14,6 +14,7 @@ import numpy as np
 import torch
 
 from dfbf_cli.adapters import ModelAdapter
+from dfbf_cli.engine.data import ImageFolder
 from dfbf_cli.engine.pruning import ChannelGroup, PruneSettings, apply_pruning, select_channels
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
@@ -31,6 +32,11 @@ def private_copy(dataset: str) -> Path:
     target = Path(tempfile.mkdtemp(prefix="dfbf-bench-")) / dataset
     shutil.copytree(asset(f"data/{dataset}"), target)
     return target / "data.yaml"
+
+
+def as_uint8(photos: ImageFolder, size: int) -> torch.Tensor:
+    """A folder of photos as uint8 N×3×size×size images, the form synthetic datasets hold."""
+    return (torch.cat(list(photos.batches(size, 32))) * 255).round().to(torch.uint8)
 
 
 def machine(device: torch.device) -> str:

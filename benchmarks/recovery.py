@@ -22,7 +22,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import asset, cifar_dev_halves, machine, private_copy
+from common import as_uint8, asset, cifar_dev_halves, machine, private_copy
 
 from dfbf_cli.adapters import ModelAdapter, load_model
 from dfbf_cli.engine.data import load_eval_data
@@ -81,7 +81,7 @@ def yolo() -> None:
     size = preset.imgsz(original.input_spec.imgsz)
     epochs = preset.epochs(preset.num_images(size), FinetuneSettings.batch, size)
     photos = load_eval_data(asset("data/photos"))
-    real = (torch.cat(list(photos.batches(size, 32)))[: preset.num_images(size)] * 255).round().to(torch.uint8)
+    real = as_uint8(photos, size)[: preset.num_images(size)]
     models = {"original": original, "pruned": original.reload(run / "pruned.pt"), "compressed": original.reload(run / "compressed.pt")}
     for tag, images in (("noise", gaussian_noise_like(real)), ("real photos", real)):
         models[tag], _ = finetuned_on(images, original, epochs, tag.split()[0])

@@ -157,15 +157,13 @@ def test_optimisation_is_in_pixels_whatever_the_input_normalisation():
     raw = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 1), torch.nn.BatchNorm2d(8), torch.nn.ReLU(), torch.nn.Conv2d(8, 8, 3), torch.nn.BatchNorm2d(8))
     for bn in (raw[1], raw[4]):
         bn.running_mean.uniform_(-0.5, 0.5), bn.running_var.uniform_(0.5, 2.0)
-    raw_spec = InputSpec(imgsz=16)
-    imagenet_spec = IMAGENET
     normalised = copy.deepcopy(raw)
-    mean, std = torch.tensor(imagenet_spec.mean), torch.tensor(imagenet_spec.std)
+    mean, std = (m.view(3) for m in IMAGENET.moments(torch.zeros(1)))
     with torch.no_grad():  # conv(x * std + mean) == conv'(x): fold the normalisation into the 1×1 conv
         normalised[0].bias += (raw[0].weight[:, :, 0, 0] * mean).sum(1)
         normalised[0].weight *= std.view(1, 3, 1, 1)
     settings = SynthesisSettings(low_res_iterations=2, iterations=4, jitter=0, flip=False, class_weight=0.0)
     made = [synthesize_batch(BackboneSplit(model, torch.nn.Identity(), []), spec, settings, count=4, imgsz=16, seed=0, device=torch.device("cpu"))[0]
-            for model, spec in ((raw, raw_spec), (normalised, imagenet_spec))]
+            for model, spec in ((raw, InputSpec(imgsz=16)), (normalised, IMAGENET))]
     assert made[0].float().std() > 10  # not a blank image
     assert (made[0].int() - made[1].int()).abs().max() <= 1

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -17,7 +17,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dfbf_cli.adapters.base import IMAGENET, BackboneSplit, InputSpec, ModelAdapter
+from dfbf_cli.adapters.base import IMAGENET, BackboneSplit, ModelAdapter
 from dfbf_cli.adapters.cifar_resnet import DEPTHS, CifarResNet
 from dfbf_cli.engine.data import EvalData, ImageFolder, LabelledImages
 from dfbf_cli.engine.files import atomic_path
@@ -151,7 +151,7 @@ def load_classifier(arch: str, weights: str | None) -> ClassifierAdapter:
     suffix = weights_file.suffix if weights_file and weights_file.suffix in {".pth", ".pt", ".th"} else ".safetensors"
     return ClassifierAdapter(
         model.eval(), task="classify", name=arch, source=weights_file, suffix=suffix,
-        input_spec=InputSpec(imgsz, IMAGENET.mean, IMAGENET.std),
+        input_spec=replace(IMAGENET, imgsz=imgsz),
     )
 
 
