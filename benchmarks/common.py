@@ -16,6 +16,7 @@ import torch
 from dfbf_cli.adapters import ModelAdapter
 from dfbf_cli.engine.data import ImageFolder
 from dfbf_cli.engine.pruning import ChannelGroup, PruneSettings, apply_pruning, select_channels
+from dfbf_cli.engine.runtime import resolve_precision
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 
@@ -40,9 +41,11 @@ def as_uint8(photos: ImageFolder, size: int) -> torch.Tensor:
 
 
 def machine(device: torch.device) -> str:
+    """The device, and the arithmetic ``--precision auto`` gives there."""
+    arithmetic = "bf16 autocast" if resolve_precision("auto", device) == "bf16" else "fp32"
     if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}"
+        return f"{torch.cuda.get_device_name(device)}, {arithmetic}"
+    return f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, {arithmetic}"
 
 
 def cifar_dev_halves(folder: Path) -> tuple[np.ndarray, np.ndarray, Path]:

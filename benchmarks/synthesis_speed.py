@@ -36,7 +36,7 @@ def main() -> None:
     parser.add_argument("--scale", type=float, default=1.0, help="multiply every iteration count (GPU: try 10)")
     args = parser.parse_args()
     device, k = torch.device(args.device), args.scale
-    print(f"machine: {machine(device)}; mixed precision (bf16): {device.type == 'cuda'}\n")
+    print(f"machine: {machine(device)}\n")
     print("| model | px | images | iterations | seconds | image·iterations/s |\n|---|---|---|---|---|---|")
     for label, model, imgsz, count, iters in [("yolo11n-pose", YOLO, 320, 8, 20), ("yolo11n-pose", YOLO, 640, 4, 10),
                                               ("CIFAR ResNet-56", RESNET56, 32, 64, 30)]:

@@ -117,6 +117,30 @@ def test_weight_decay_is_applied_when_asked_and_validated(run_cli, tmp_path, tin
     assert refused.code == 2 and "--weight-decay" in refused.stderr
 
 
+def test_precision_auto_follows_the_hardware_and_bf16_trains_in_bfloat16(run_cli, tmp_path, tiny_synthetic, pruned_r20, r20, monkeypatch):
+    from dfbf_cli.engine.finetune import FinetuneSettings, finetune
+    from dfbf_cli.engine.runtime import resolve_precision
+    from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
+
+    cpu = torch.device("cpu")
+    for native in (True, False):
+        for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+            monkeypatch.setattr(torch.cpu, probe, lambda native=native: native, raising=False)
+        assert resolve_precision("auto", cpu) == ("bf16" if native else "fp32")
+    assert resolve_precision("bf16", cpu) == "bf16" and resolve_precision("fp32", cpu) == "fp32"
+
+    images, _ = SyntheticDataset.open(tiny_synthetic).load()
+    for precision in ("bf16", "fp32"):
+        student, seen = load_model(str(pruned_r20)), set()
+        student.model.conv1.register_forward_hook(lambda _m, _i, output, seen=seen: seen.add(output.dtype))
+        history = finetune(student, load_model(r20[0], r20[2]), images, settings=FinetuneSettings(epochs=3, batch=8, precision=precision),
+                           device=cpu, seed=0, state_path=tmp_path / f"state-{precision}.pt")
+        assert (torch.bfloat16 in seen) == (precision == "bf16") and history[-1].loss < history[0].loss
+        assert all(p.dtype == torch.float32 for p in student.model.parameters())  # weights stay fp32
+    refused = _finetune(run_cli, pruned_r20, tiny_synthetic, tmp_path / "x.safetensors", "--precision", "fp16")
+    assert refused.code == 2 and "--precision" in refused.stderr
+
+
 def test_teacher_student_mismatch_is_refused(run_cli, tmp_path, tiny_synthetic, pruned_r20):
     wrong_arch = run_cli("finetune", pruned_r20, "--teacher", "cifar-resnet56", "--teacher-weights", shared_asset("models/cifar10-resnet56.th"),
                          "--data", tiny_synthetic, "--out", tmp_path / "x.safetensors", "--allow-teacher-mismatch", *QUIET)
@@ -186,15 +210,15 @@ def test_compress_yolo_end_to_end_loads_in_stock_ultralytics(run_cli, tmp_path, 
 
 def test_presets_budget_fine_tuning_in_optimiser_steps():
     """A large-input model's small synthetic set gets more epochs, not fewer updates, and large inputs
-    twice the steps (docs/finetune.md)."""
+    more steps (docs/finetune.md)."""
     from dfbf_cli.engine.presets import PRESETS
 
     balanced = PRESETS["balanced"]
     cifar_images, yolo_images = balanced.num_images(32), balanced.num_images(balanced.imgsz(640))
     assert (cifar_images, yolo_images) == (1024, 128)
     assert balanced.epochs(cifar_images, 32, 32) == 30  # 960 steps of 32 images
-    assert balanced.epochs(yolo_images, 32, 320) == 480  # 1,920 steps
+    assert balanced.epochs(yolo_images, 32, 320) == 800  # 3,200 steps
     assert balanced.epochs(100, 32, 32) == 320  # 3 full batches an epoch: the ragged one is dropped
     assert balanced.epochs(10, 32, 32) == 960  # fewer images than a batch: one batch of all of them
     assert balanced.epochs(0, 32, 32) == 960  # an unfilled dataset is refused later, with its own message
-    assert balanced.epochs(128, 32, 64) == 240 and balanced.epochs(128, 32, 65) == 480  # the split is by input size alone
+    assert balanced.epochs(128, 32, 64) == 240 and balanced.epochs(128, 32, 65) == 800  # the split is by input size alone

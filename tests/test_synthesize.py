@@ -48,7 +48,7 @@ def test_batchnorm_statistics_loss_falls_substantially(spec, weights, imgsz):
 
 def test_dataset_is_valid_with_balanced_labels_and_preview(run_cli, tmp_path):
     out = tmp_path / "synth"
-    result = run_cli("synthesize", *_cifar(), "--out", out, "--num-images", "10", "--batch", "4", "--json", *TINY)
+    result = run_cli("synthesize", *_cifar(), "--out", out, "--num-images", "10", "--batch", "4", "--precision", "fp32", "--json", *TINY)
     assert result.code == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["num_images"] == 10
@@ -58,6 +58,7 @@ def test_dataset_is_valid_with_balanced_labels_and_preview(run_cli, tmp_path):
     assert images.shape == (10, 3, 32, 32) and images.dtype == torch.uint8
     assert labels.tolist() == list(range(10))  # balanced: one per class
     assert [s["count"] for s in dataset.manifest["shards"]] == [4, 4, 2]
+    assert {s["precision"] for s in dataset.manifest["shards"]} == {"fp32"}  # as asked, whatever the CPU has
     assert dataset.manifest["teacher"]["fingerprint"] == load_model(*_cifar()[:1], _cifar()[2]).fingerprint()
     assert (out / "preview.png").stat().st_size > 0
     assert not list(out.glob(".*partial*"))
@@ -163,7 +164,8 @@ def test_optimisation_is_in_pixels_whatever_the_input_normalisation():
         normalised[0].bias += (raw[0].weight[:, :, 0, 0] * mean).sum(1)
         normalised[0].weight *= std.view(1, 3, 1, 1)
     settings = SynthesisSettings(low_res_iterations=2, iterations=4, jitter=0, flip=False, class_weight=0.0)
-    made = [synthesize_batch(BackboneSplit(model, torch.nn.Identity(), []), spec, settings, count=4, imgsz=16, seed=0, device=torch.device("cpu"))[0]
+    made = [synthesize_batch(BackboneSplit(model, torch.nn.Identity(), []), spec, settings, count=4, imgsz=16, seed=0, device=torch.device("cpu"),
+                             precision="fp32")[0]  # an exact comparison: bf16 rounding would differ between the two foldings
             for model, spec in ((raw, InputSpec(imgsz=16)), (normalised, IMAGENET))]
     assert made[0].float().std() > 10  # not a blank image
     assert (made[0].int() - made[1].int()).abs().max() <= 1

@@ -24,6 +24,7 @@ from dfbf_cli import __version__
 from dfbf_cli.engine.runtime import resolve_device, seed_everything
 
 DeviceOption = Annotated[str, typer.Option("--device", help="Where to compute: auto (CUDA when present), cpu, cuda or cuda:N.")]
+PrecisionOption = Annotated[str, typer.Option("--precision", help="Arithmetic of synthesis and fine-tuning: auto (bf16 where the GPU or CPU computes it natively, else fp32), bf16 or fp32.")]
 SeedOption = Annotated[int, typer.Option("--seed", help="Random seed: the same seed gives the same result.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings, errors and the final result.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (human output goes to stderr).")]

@@ -10,7 +10,7 @@ from typing import Annotated
 import typer
 
 from dfbf_cli.adapters import load_model
-from dfbf_cli.cli.common import DeviceOption, JsonOption, QuietOption, SeedOption, WeightsOption, session
+from dfbf_cli.cli.common import DeviceOption, JsonOption, PrecisionOption, QuietOption, SeedOption, WeightsOption, session
 from dfbf_cli.cli.evaluate import report_table
 from dfbf_cli.cli.finetune import AllowMismatchOption, run_finetune
 from dfbf_cli.cli.prune import pruned_model
@@ -45,6 +45,7 @@ def compress_command(
     allow_teacher_mismatch: AllowMismatchOption = False,
     weights: WeightsOption = None,
     device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
     seed: SeedOption = 0,
     quiet: QuietOption = False,
     json_output: JsonOption = False,
@@ -80,16 +81,18 @@ def compress_command(
             dataset.verify()
             dataset.check_teacher(fingerprint, allow_mismatch=allow_teacher_mismatch)
         num_images = dataset.num_images if dataset else chosen.num_images(size)
-        finetune_settings = FinetuneSettings(epochs=epochs or chosen.epochs(num_images, FinetuneSettings.batch, dataset.imgsz if dataset else size))
+        finetune_settings = FinetuneSettings(epochs=epochs or chosen.epochs(num_images, FinetuneSettings.batch, dataset.imgsz if dataset else size),
+                                             precision=precision)
+        finetune_settings.validate()
         request = {"model": model, "fingerprint": fingerprint, "ratio": ratio, "preset": preset, "criterion": criterion,
-                   "schedule": schedule, "strategy": strategy, "epochs": finetune_settings.epochs, "imgsz": size, "seed": seed,
+                   "schedule": schedule, "strategy": strategy, "epochs": finetune_settings.epochs, "precision": precision, "imgsz": size, "seed": seed,
                    "synthetic": None if synthetic is None else str(synthetic.resolve()), "data": data}
         run = RunDirectory.prepare(out or Path(f"{Path(original.name.split(':')[-1]).stem}-compressed"), original.default_suffix, request)
 
         if dataset is None:
             plan = plan_synthesis(original, run.synthetic, num_images=num_images, imgsz=size, batch=32,
                                   settings=chosen.synthesis, seed=seed)
-            dataset = run_synthesis_with_progress(ctx, original, plan)
+            dataset = run_synthesis_with_progress(ctx, original, plan, precision)
 
         if run.pruned.exists():
             pruned = original.reload(run.pruned)

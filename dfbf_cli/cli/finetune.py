@@ -9,12 +9,24 @@ import typer
 from rich.progress import Progress
 
 from dfbf_cli.adapters import ModelAdapter, load_model
-from dfbf_cli.cli.common import DeviceOption, JsonOption, QuietOption, SeedOption, TeacherWeightsOption, WeightsOption, session
+from dfbf_cli.cli.common import (
+    DeviceOption,
+    JsonOption,
+    PrecisionOption,
+    QuietOption,
+    SeedOption,
+    TeacherWeightsOption,
+    WeightsOption,
+    session,
+)
 from dfbf_cli.engine.finetune import EpochRecord, FinetuneSettings, finetune
-from dfbf_cli.engine.presets import DEFAULT_PRESET, PRESETS
+from dfbf_cli.engine.presets import DEFAULT_PRESET, PRESETS, SMALL_INPUT
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
 
-EpochsOption = Annotated[int | None, typer.Option("--epochs", min=1, help="Passes over the synthetic images \\[default: the balanced preset's optimiser steps: 960 for inputs up to 64 px (30 passes over 1,024 images), 1,920 for larger ones (480 passes over 128)].", show_default=False)]
+_BALANCED = PRESETS[DEFAULT_PRESET]
+EpochsOption = Annotated[int | None, typer.Option("--epochs", min=1, help=(
+    f"Passes over the synthetic images \\[default: the {DEFAULT_PRESET} preset's optimiser steps: {_BALANCED.finetune_steps_small:,} "
+    f"for inputs up to {SMALL_INPUT} px, {_BALANCED.finetune_steps_large:,} for larger ones]."), show_default=False)]
 BatchOption = Annotated[int, typer.Option("--batch", min=2, help="Images per step.")]
 LrOption = Annotated[float, typer.Option("--lr", help="Peak learning rate (cosine schedule).")]
 WeightDecayOption = Annotated[float, typer.Option("--weight-decay", help="L2 weight decay; 0 measured best with adam (the reference's SGD used 5e-4).")]
@@ -66,6 +78,7 @@ def finetune_command(
     weights: WeightsOption = None,
     teacher_weights: TeacherWeightsOption = None,
     device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
     seed: SeedOption = 0,
     quiet: QuietOption = False,
     json_output: JsonOption = False,
@@ -81,7 +94,7 @@ def finetune_command(
     """
     with session(device=device, seed=seed, quiet=quiet, json_mode=json_output) as ctx:
         dataset = SyntheticDataset.open(data)
-        settings = FinetuneSettings(epochs=epochs or PRESETS[DEFAULT_PRESET].epochs(dataset.num_images, batch, dataset.imgsz), batch=batch, lr=lr, weight_decay=weight_decay, optimizer=optimizer, loss=loss, tap_weights=tap_weights, bn=bn)
+        settings = FinetuneSettings(epochs=epochs or PRESETS[DEFAULT_PRESET].epochs(dataset.num_images, batch, dataset.imgsz), batch=batch, lr=lr, weight_decay=weight_decay, optimizer=optimizer, loss=loss, tap_weights=tap_weights, bn=bn, precision=precision)
         settings.validate()
         student = load_model(pruned, weights)
         original = load_model(teacher, teacher_weights)

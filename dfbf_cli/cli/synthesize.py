@@ -10,8 +10,9 @@ import typer
 from rich.table import Table
 
 from dfbf_cli.adapters import ModelAdapter, load_model
-from dfbf_cli.cli.common import DeviceOption, JsonOption, QuietOption, SeedOption, WeightsOption, session
+from dfbf_cli.cli.common import DeviceOption, JsonOption, PrecisionOption, QuietOption, SeedOption, WeightsOption, session
 from dfbf_cli.engine.presets import DEFAULT_PRESET, PRESETS
+from dfbf_cli.engine.runtime import resolve_precision
 from dfbf_cli.engine.synthesis import SynthesisPlan, plan_synthesis, run_synthesis
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
 from dfbf_cli.errors import DfbfError
@@ -39,13 +40,13 @@ def manifest_table(dataset: SyntheticDataset) -> Table:
     return table
 
 
-def run_synthesis_with_progress(ctx, adapter: ModelAdapter, plan: SynthesisPlan) -> SyntheticDataset:
+def run_synthesis_with_progress(ctx, adapter: ModelAdapter, plan: SynthesisPlan, precision: str) -> SyntheticDataset:
     """Fill the planned shards with a progress bar (shared by ``synthesize`` and ``compress``)."""
     existing = plan.dataset.num_images
     if not ctx.quiet:
         ctx.console.print(
             f"Synthesising {sum(plan.shard_sizes)} image(s) at {plan.dataset.imgsz} px from {adapter.describe()} "
-            f"on {ctx.device} into {plan.dataset.root} ({existing} already there).", highlight=False,
+            f"on {ctx.device} ({resolve_precision(precision, ctx.device)}) into {plan.dataset.root} ({existing} already there).", highlight=False,
         )
     steps = plan.settings.low_res_iterations + plan.settings.iterations
     with ctx.progress() as progress:
@@ -55,7 +56,7 @@ def run_synthesis_with_progress(ctx, adapter: ModelAdapter, plan: SynthesisPlan)
             progress.update(task, completed=shard * steps + done,
                             status=f"batch {shard + 1}/{len(plan.shard_sizes)} · it {done}/{steps} · loss {loss:.3f} · {rate:.0f} img·it/s")
 
-        return run_synthesis(adapter, plan, device=ctx.device, on_step=on_step)
+        return run_synthesis(adapter, plan, device=ctx.device, precision=precision, on_step=on_step)
 
 
 def synthesize_command(
@@ -70,6 +71,7 @@ def synthesize_command(
     weights: WeightsOption = None,
     info: Annotated[Path | None, typer.Option("--info", help="Only describe an existing dataset directory and exit.")] = None,
     device: DeviceOption = "auto",
+    precision: PrecisionOption = "auto",
     seed: SeedOption = 0,
     quiet: QuietOption = False,
     json_output: JsonOption = False,
@@ -98,6 +100,7 @@ def synthesize_command(
         if preset not in PRESETS:
             raise DfbfError(f"Unknown preset '{preset}'; choose one of {', '.join(PRESETS)}.")
         chosen = PRESETS[preset]
+        resolve_precision(precision, ctx.device)  # an unknown --precision fails before the dataset is created
         adapter = load_model(model, weights)
         size = imgsz or chosen.imgsz(adapter.input_spec.imgsz)
         settings = replace(
@@ -107,6 +110,6 @@ def synthesize_command(
         )
         wanted = num_images or chosen.num_images(size)
         plan = plan_synthesis(adapter, out, num_images=wanted, imgsz=size, batch=batch, settings=settings, seed=seed)
-        dataset = run_synthesis_with_progress(ctx, adapter, plan)
+        dataset = run_synthesis_with_progress(ctx, adapter, plan, precision)
         ctx.console.print(manifest_table(dataset))
         ctx.emit({"command": "synthesize", "out": str(out), "num_images": dataset.num_images, "manifest": dataset.manifest})

@@ -23,6 +23,7 @@ from torch import nn
 from dfbf_cli.adapters.base import ModelAdapter
 from dfbf_cli.engine.evaluate import check_same_kind
 from dfbf_cli.engine.files import atomic_path
+from dfbf_cli.engine.runtime import PRECISIONS, autocast
 from dfbf_cli.errors import DfbfError
 
 DISTANCES = {"l1": F.l1_loss, "mse": F.mse_loss, "smoothl1": F.smooth_l1_loss}
@@ -47,11 +48,12 @@ class FinetuneSettings:
     bn: str = "train"  # student BatchNorm: "train" (batch statistics, running stats updated) or "frozen"
     augment: bool = True  # random flips and shifts of the fixed synthetic set
     cutmix: bool = True  # paste a patch of another image into each: +1.3 top-1 on CIFAR (docs/finetune.md)
+    precision: str = "auto"  # bf16 autocast where native (runtime.resolve_precision), else fp32
 
     def validate(self) -> None:
         for field_name, value, allowed in (("loss", self.loss, DISTANCES), ("tap-weights", self.tap_weights, TAP_WEIGHTS),
                                            ("optimizer", self.optimizer, {"sgd", "adam"}), ("schedule", self.schedule, {"cosine", "step"}),
-                                           ("bn", self.bn, {"train", "frozen"})):
+                                           ("bn", self.bn, {"train", "frozen"}), ("precision", self.precision, PRECISIONS)):
             if value not in allowed:
                 raise DfbfError(f"Unknown --{field_name} '{value}'; choose one of {', '.join(allowed)}.")
         if self.epochs < 1 or self.batch < 2 or not self.lr > 0 or not self.weight_decay >= 0:
@@ -160,6 +162,7 @@ def finetune(
     weights = torch.tensor(TAP_WEIGHTS[settings.tap_weights](len(taps)))
     weights = (weights / weights.sum()).tolist()
     distance = DISTANCES[settings.loss]
+    mixed_precision = autocast(settings.precision, device)
 
     student.model.to(device).requires_grad_(False)
     teacher.model.to(device).eval().requires_grad_(False)
@@ -197,11 +200,12 @@ def finetune(
                 if settings.cutmix:
                     x = cutmix(x, generator)
                 x = student.input_spec.normalize(x.to(device))
-                with torch.no_grad():
-                    t_split.backbone(x)
-                    targets = t_taps.take()
-                s_split.backbone(x)
-                losses = torch.stack([distance(s.float(), t.float()) for s, t in zip(s_taps.take(), targets)])
+                with mixed_precision:
+                    with torch.no_grad():
+                        t_split.backbone(x)
+                        targets = t_taps.take()
+                    s_split.backbone(x)
+                    losses = torch.stack([distance(s.float(), t.float()) for s, t in zip(s_taps.take(), targets)])
                 loss = sum(w * l for w, l in zip(weights, losses))
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()

@@ -1,7 +1,8 @@
-"""Conventions every command shares: which device, which seed."""
+"""Conventions every command shares: which device, which number format, which seed."""
 
 from __future__ import annotations
 
+import contextlib
 import random
 import re
 
@@ -27,6 +28,31 @@ def resolve_device(spec: str) -> torch.device:
     if index >= torch.cuda.device_count():
         raise DfbfError(f"Device '{spec}' does not exist: this machine has {torch.cuda.device_count()} CUDA GPU(s).")
     return torch.device("cuda", index)
+
+
+PRECISIONS = ("auto", "bf16", "fp32")
+
+
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``bf16`` or ``fp32``. ``auto`` takes bfloat16 where the hardware computes it natively (CUDA with
+    bf16, CPUs with AVX512-BF16 or AMX): two thirds of the time or less on this project's CPU, same
+    recovery (docs/finetune.md, "Precision")."""
+    if precision not in PRECISIONS:
+        raise DfbfError(f"Unknown --precision '{precision}'; choose one of {', '.join(PRECISIONS)}.")
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        native = torch.cuda.is_bf16_supported()
+    else:  # private probes (torch >= 2.2); absent ones count as "no"
+        native = any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
+    return "bf16" if native else "fp32"
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The forward passes' context: bfloat16 autocast, or nothing (fp32). Reusable; weights stay fp32."""
+    if resolve_precision(precision, device) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def seed_everything(seed: int) -> None:

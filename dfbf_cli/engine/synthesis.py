@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfbf_cli.adapters.base import IMAGENET, BackboneSplit, InputSpec, ModelAdapter
+from dfbf_cli.engine.runtime import autocast, resolve_precision
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
 
 REFERENCE_IMGSZ = 224  # jitter is given in pixels at this size and scaled with the image size
@@ -110,7 +111,7 @@ StepCallback = Callable[[int, float], None]  # (iterations done in this shard, c
 
 def synthesize_batch(
     split: BackboneSplit, spec: InputSpec, settings: SynthesisSettings, *, count: int, imgsz: int, seed: int,
-    device: torch.device, labels: torch.Tensor | None = None, on_step: StepCallback | None = None,
+    device: torch.device, precision: str = "auto", labels: torch.Tensor | None = None, on_step: StepCallback | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Optimise ``count`` images from noise; return them as uint8 N×3×H×W and loss statistics."""
     generator = torch.Generator().manual_seed(seed)
@@ -120,12 +121,12 @@ def synthesize_batch(
     upper = PIXEL_SCALE.normalize(torch.ones(1, 3, 1, 1, device=device))
     to_model = _rescaling(PIXEL_SCALE, spec, x)
     jitter = max(1, round(settings.jitter * imgsz / REFERENCE_IMGSZ)) if settings.jitter else 0
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    mixed_precision = autocast(precision, device)
     phases = [(2, settings.low_res_iterations), (1, settings.iterations)]
     phases = [(factor, n) for factor, n in phases if n > 0]
     best, best_loss, done = x.detach().clone(), math.inf, 0
     with frozen(split.backbone), frozen(split.head), BatchNormStatsLoss(split.backbone, settings.first_bn_multiplier) as bn:
-        bn_start = _bn_loss(split, bn, to_model(x), autocast)
+        bn_start = _bn_loss(split, bn, to_model(x), mixed_precision)
         for phase, (factor, iterations) in enumerate(phases):
             optimizer = torch.optim.Adam([x], lr=settings.lr, betas=settings.betas, eps=1e-8)
             final_phase = phase == len(phases) - 1
@@ -137,7 +138,7 @@ def synthesize_batch(
                     inputs = torch.roll(inputs, (rng.randint(-shift, shift), rng.randint(-shift, shift)), dims=(2, 3))
                 if settings.flip and rng.random() < 0.5:
                     inputs = inputs.flip(3)
-                with autocast:
+                with mixed_precision:
                     features = split.backbone(to_model(inputs))
                     class_loss = 0.0
                     if labels is not None:
@@ -155,9 +156,10 @@ def synthesize_batch(
                 done += 1
                 if on_step:
                     on_step(done, loss.item())
-        bn_end = _bn_loss(split, bn, to_model(best), autocast)
+        bn_end = _bn_loss(split, bn, to_model(best), mixed_precision)
     images = PIXEL_SCALE.denormalize(best).clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
-    return images, {"bn_loss_start": bn_start, "bn_loss_end": bn_end, "best_loss": best_loss}
+    return images, {"bn_loss_start": bn_start, "bn_loss_end": bn_end, "best_loss": best_loss,
+                    "precision": resolve_precision(precision, device)}
 
 
 def _rescaling(source: InputSpec, target: InputSpec, like: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -169,9 +171,9 @@ def _rescaling(source: InputSpec, target: InputSpec, like: torch.Tensor) -> Call
 
 
 @torch.no_grad()
-def _bn_loss(split: BackboneSplit, bn: BatchNormStatsLoss, x: torch.Tensor, autocast) -> float:
+def _bn_loss(split: BackboneSplit, bn: BatchNormStatsLoss, x: torch.Tensor, mixed_precision) -> float:
     """The BatchNorm-statistics loss of images at full resolution, without jitter: comparable across settings."""
-    with autocast:
+    with mixed_precision:
         split.backbone(x)
     return bn.value().item()
 
@@ -220,7 +222,7 @@ def plan_synthesis(
 
 
 def run_synthesis(
-    adapter: ModelAdapter, plan: SynthesisPlan, *, device: torch.device,
+    adapter: ModelAdapter, plan: SynthesisPlan, *, device: torch.device, precision: str = "auto",
     on_step: Callable[[int, int, float, float], None] | None = None,
 ) -> SyntheticDataset:
     """Make the planned shards one by one; each is on disk (and in the manifest) once finished.
@@ -241,7 +243,7 @@ def run_synthesis(
 
         images, stats = synthesize_batch(
             split, adapter.input_spec, plan.settings, count=count, imgsz=dataset.imgsz, seed=shard_seed(plan.seed, index),
-            device=device, labels=labels, on_step=report,
+            device=device, precision=precision, labels=labels, on_step=report,
         )
         stats["seconds"] = round(time.perf_counter() - started, 3)
         dataset.add_shard(images, None if labels is None else labels.cpu(), stats)
