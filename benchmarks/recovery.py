@@ -1,7 +1,7 @@
 """Does dfbf recover a pruned model without data? The quality table of docs/benchmarks.md.
 
-    .venv/bin/python benchmarks/recovery.py cifar     # CIFAR ResNet-56, ratio 0.5 (≈25 min here)
-    .venv/bin/python benchmarks/recovery.py yolo      # yolo11n-pose, ratio 0.3 (≈95 min here)
+    .venv/bin/python benchmarks/recovery.py cifar     # CIFAR ResNet-56, ratio 0.5 (≈15 min here)
+    .venv/bin/python benchmarks/recovery.py yolo      # yolo11n-pose, ratio 0.3 (≈90 min here)
 
 Columns: unpruned | pruned, no fine-tune | `dfbf compress` (balanced preset, run as a user would, timed)
 | control: the same fine-tune on Gaussian-noise images | upper bound: the same fine-tune on as many
