@@ -100,7 +100,7 @@ def synthesize_command(
         if preset not in PRESETS:
             raise DfbfError(f"Unknown preset '{preset}'; choose one of {', '.join(PRESETS)}.")
         chosen = PRESETS[preset]
-        resolve_precision(precision, ctx.device)  # an unknown --precision fails before the dataset is created
+        precision = resolve_precision(precision, ctx.device)  # bf16 or fp32; an unknown one fails before the dataset is created
         adapter = load_model(model, weights)
         size = imgsz or chosen.imgsz(adapter.input_spec.imgsz)
         settings = replace(

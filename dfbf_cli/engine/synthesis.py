@@ -121,7 +121,8 @@ def synthesize_batch(
     upper = PIXEL_SCALE.normalize(torch.ones(1, 3, 1, 1, device=device))
     to_model = _rescaling(PIXEL_SCALE, spec, x)
     jitter = max(1, round(settings.jitter * imgsz / REFERENCE_IMGSZ)) if settings.jitter else 0
-    mixed_precision = autocast(precision, device)
+    arithmetic = resolve_precision(precision, device)
+    mixed_precision = autocast(arithmetic, device)
     phases = [(2, settings.low_res_iterations), (1, settings.iterations)]
     phases = [(factor, n) for factor, n in phases if n > 0]
     best, best_loss, done = x.detach().clone(), math.inf, 0
@@ -158,8 +159,7 @@ def synthesize_batch(
                     on_step(done, loss.item())
         bn_end = _bn_loss(split, bn, to_model(best), mixed_precision)
     images = PIXEL_SCALE.denormalize(best).clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
-    return images, {"bn_loss_start": bn_start, "bn_loss_end": bn_end, "best_loss": best_loss,
-                    "precision": resolve_precision(precision, device)}
+    return images, {"bn_loss_start": bn_start, "bn_loss_end": bn_end, "best_loss": best_loss, "precision": arithmetic}
 
 
 def _rescaling(source: InputSpec, target: InputSpec, like: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
