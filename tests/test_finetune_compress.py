@@ -54,6 +54,7 @@ def test_finetune_lowers_the_feature_loss_and_keeps_the_original_head(run_cli, t
     result = _finetune(run_cli, pruned_r20, tiny_synthetic, out, "--epochs", "20", "--json")
     assert result.code == 0, result.stderr
     history = json.loads(result.stdout)["history"]
+    assert json.loads(result.stdout)["precision"] in {"bf16", "fp32"}  # what `auto` became here, not "auto"
     losses = [epoch["loss"] for epoch in history]
     assert losses[-1] < losses[len(losses) // 2] < losses[0] and losses[-1] < 0.9 * losses[0]
     student, teacher = load_model(str(out)), load_model(r20[0], r20[2])
@@ -165,13 +166,14 @@ def class_balanced_npz(tmp_path_factory):
 def test_compress_reuses_a_synthetic_dataset_and_gates_on_max_drop(run_cli, tmp_path, tiny_synthetic, r20, class_balanced_npz):
     run_dir = tmp_path / "run"
     args = ["compress", *r20, "--ratio", "0.9", "--synthetic", tiny_synthetic, "--data", class_balanced_npz,
-            "--out", run_dir, "--epochs", "1", *QUIET]
+            "--out", run_dir, "--epochs", "1", "--precision", "fp32", *QUIET]
     first = run_cli(*args, "--json")
     assert first.code == 0, first.stderr
     report = json.loads(first.stdout)
     assert not (run_dir / "synthetic").exists()  # reused, not regenerated
     for name in ("compressed.th", "pruned.th", "report.json", "report.md", "report.png", "run.json"):
         assert (run_dir / name).exists(), name
+    assert report["precision"] == "fp32" and "1 epochs in fp32" in (run_dir / "report.md").read_text()
     drop = report["metric_drop"]
     assert drop["metric"] == "top1" and drop["drop"] > 5  # 90 % of the channels gone, one tiny epoch
     assert report["models"]["compressed"]["efficiency"]["params"] < report["models"]["original"]["efficiency"]["params"]

@@ -22,6 +22,7 @@ from dfbf_cli.engine.finetune import EpochRecord, FinetuneSettings
 from dfbf_cli.engine.presets import DEFAULT_PRESET, PRESETS
 from dfbf_cli.engine.progressive import ProgressiveSettings, check_strategy
 from dfbf_cli.engine.pruning import PruneSettings, require_ratio
+from dfbf_cli.engine.runtime import resolve_precision
 from dfbf_cli.engine.synthesis import plan_synthesis
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
 from dfbf_cli.errors import DfbfError, QualityGateFailed
@@ -123,7 +124,7 @@ def compress_command(
             evaluated = evaluate_models([original, pruned, compressed], eval_data, teacher=teacher, imgsz=None,
                                         batch=16, device=ctx.device)
             reports = {stage: replace(report, name=stage) for stage, report in zip(STAGES, evaluated)}
-        summary = write_report(run, request, reports, history)
+        summary = write_report(run, request, reports, history, precision=resolve_precision(precision, ctx.device))
         if reports:
             ctx.console.print(report_table(list(reports.values()), f"dfbf compress · {model} · ratio {ratio}"))
         ctx.console.print(f"Run directory: {run.root} (compressed model: {run.compressed})", highlight=False)

@@ -21,6 +21,7 @@ from dfbf_cli.cli.common import (
 )
 from dfbf_cli.engine.finetune import EpochRecord, FinetuneSettings, finetune
 from dfbf_cli.engine.presets import DEFAULT_PRESET, PRESETS, SMALL_INPUT
+from dfbf_cli.engine.runtime import resolve_precision
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
 
 _BALANCED = PRESETS[DEFAULT_PRESET]
@@ -50,6 +51,9 @@ def run_finetune(
 ) -> list[EpochRecord]:
     """Fine-tune with a progress bar (shared by ``finetune`` and ``compress``)."""
     images, _ = dataset.load()
+    if not ctx.quiet:
+        ctx.console.print(f"Fine-tuning {settings.epochs} epoch(s) over {len(images)} image(s) at {dataset.imgsz} px on {ctx.device} "
+                          f"({resolve_precision(settings.precision, ctx.device)}).", highlight=False)
     task = progress.add_task("finetune", total=settings.epochs, status="")
 
     def on_step(epoch: int, step: int, steps: int, loss: float, taps: list[float], rate: float) -> None:
@@ -107,4 +111,5 @@ def finetune_command(
         state_path.unlink(missing_ok=True)
         ctx.console.print(f"Fine-tuned model written to {path} (final feature loss {history[-1].loss:.4f}).", highlight=False)
         ctx.emit({"command": "finetune", "out": str(path), "settings": vars(settings),
+                  "precision": resolve_precision(settings.precision, ctx.device),
                   "history": [vars(r) for r in history]})

@@ -74,10 +74,14 @@ def metric_drop(reports: dict[str, ModelReport]) -> tuple[str, float] | None:
     return name, reports["original"].metrics[name] - reports["compressed"].metrics[name]
 
 
-def write_report(run: RunDirectory, request: dict, reports: dict[str, ModelReport] | None, history: list[EpochRecord]) -> dict:
-    """report.json (everything), report.md (a person's summary) and report.png (metric and loss plots)."""
+def write_report(
+    run: RunDirectory, request: dict, reports: dict[str, ModelReport] | None, history: list[EpochRecord], *, precision: str
+) -> dict:
+    """report.json (everything), report.md (a person's summary) and report.png (metric and loss plots).
+
+    ``precision`` is the arithmetic fine-tuning used (bf16 or fp32), where the request may say auto."""
     report = {
-        "dfbf_version": __version__, "request": request,
+        "dfbf_version": __version__, "request": request, "precision": precision,
         "models": {stage: r.to_dict() for stage, r in (reports or {}).items()},
         "files": {stage: str(path) for stage, path in (("pruned", run.pruned), ("compressed", run.compressed))},
         "finetune_history": [vars(r) for r in history],
@@ -88,12 +92,12 @@ def write_report(run: RunDirectory, request: dict, reports: dict[str, ModelRepor
     with atomic_path(run.root / "report.json") as tmp:
         tmp.write_text(json.dumps(report, indent=2) + "\n")
     with atomic_path(run.root / "report.md") as tmp:
-        tmp.write_text(_markdown(request, reports, history))
+        tmp.write_text(_markdown(request, reports, history, precision))
     _plot(run.root / "report.png", reports, history)
     return report
 
 
-def _markdown(request: dict, reports: dict[str, ModelReport] | None, history: list[EpochRecord]) -> str:
+def _markdown(request: dict, reports: dict[str, ModelReport] | None, history: list[EpochRecord], precision: str) -> str:
     lines = [f"# dfbf compress: {request['model']}", "", f"ratio {request['ratio']}, preset {request['preset']}, "
              f"data {request.get('data') or '(none)'}", ""]
     if reports:
@@ -105,7 +109,7 @@ def _markdown(request: dict, reports: dict[str, ModelReport] | None, history: li
                                   ("GFLOPs", "gflops", 1), ("CPU latency (ms)", "latency_cpu_ms", 1), ("file (MB)", "file_mb", 1)):
             lines.append(f"| {label} | " + " | ".join(f"{getattr(reports[s].efficiency, key) * scale:.4g}" for s in STAGES) + " |")
     if history:
-        lines += ["", f"Fine-tuning: {len(history)} epochs, feature loss {history[0].loss:.4f} → {history[-1].loss:.4f}."]
+        lines += ["", f"Fine-tuning: {len(history)} epochs in {precision}, feature loss {history[0].loss:.4f} → {history[-1].loss:.4f}."]
     lines += ["", "![metric and loss](report.png)", ""]
     return "\n".join(lines)
 
