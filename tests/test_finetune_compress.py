@@ -54,7 +54,7 @@ def test_finetune_lowers_the_feature_loss_and_keeps_the_original_head(run_cli, t
     result = _finetune(run_cli, pruned_r20, tiny_synthetic, out, "--epochs", "20", "--json")
     assert result.code == 0, result.stderr
     history = json.loads(result.stdout)["history"]
-    assert json.loads(result.stdout)["precision"] in {"bf16", "fp32"}  # what `auto` became here, not "auto"
+    assert json.loads(result.stdout)["settings"]["precision"] in {"bf16", "fp32"}  # what `auto` became here, not "auto"
     losses = [epoch["loss"] for epoch in history]
     assert losses[-1] < losses[len(losses) // 2] < losses[0] and losses[-1] < 0.9 * losses[0]
     student, teacher = load_model(str(out)), load_model(r20[0], r20[2])

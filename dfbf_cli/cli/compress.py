@@ -82,8 +82,9 @@ def compress_command(
             dataset.verify()
             dataset.check_teacher(fingerprint, allow_mismatch=allow_teacher_mismatch)
         num_images = dataset.num_images if dataset else chosen.num_images(size)
+        arithmetic = resolve_precision(precision, ctx.device)  # bf16 or fp32: what the reports say was used
         finetune_settings = FinetuneSettings(epochs=epochs or chosen.epochs(num_images, FinetuneSettings.batch, dataset.imgsz if dataset else size),
-                                             precision=precision)
+                                             precision=arithmetic)
         finetune_settings.validate()
         request = {"model": model, "fingerprint": fingerprint, "ratio": ratio, "preset": preset, "criterion": criterion,
                    "schedule": schedule, "strategy": strategy, "epochs": finetune_settings.epochs, "precision": precision, "imgsz": size, "seed": seed,
@@ -93,7 +94,7 @@ def compress_command(
         if dataset is None:
             plan = plan_synthesis(original, run.synthetic, num_images=num_images, imgsz=size, batch=32,
                                   settings=chosen.synthesis, seed=seed)
-            dataset = run_synthesis_with_progress(ctx, original, plan, precision)
+            dataset = run_synthesis_with_progress(ctx, original, plan, arithmetic)
 
         if run.pruned.exists():
             pruned = original.reload(run.pruned)
@@ -124,7 +125,7 @@ def compress_command(
             evaluated = evaluate_models([original, pruned, compressed], eval_data, teacher=teacher, imgsz=None,
                                         batch=16, device=ctx.device)
             reports = {stage: replace(report, name=stage) for stage, report in zip(STAGES, evaluated)}
-        summary = write_report(run, request, reports, history, precision=resolve_precision(precision, ctx.device))
+        summary = write_report(run, request, reports, history, precision=arithmetic)
         if reports:
             ctx.console.print(report_table(list(reports.values()), f"dfbf compress · {model} · ratio {ratio}"))
         ctx.console.print(f"Run directory: {run.root} (compressed model: {run.compressed})", highlight=False)

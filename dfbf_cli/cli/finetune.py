@@ -53,7 +53,7 @@ def run_finetune(
     images, _ = dataset.load()
     if not ctx.quiet:
         ctx.console.print(f"Fine-tuning {settings.epochs} epoch(s) over {len(images)} image(s) at {dataset.imgsz} px on {ctx.device} "
-                          f"({resolve_precision(settings.precision, ctx.device)}).", highlight=False)
+                          f"({settings.precision}).", highlight=False)
     task = progress.add_task("finetune", total=settings.epochs, status="")
 
     def on_step(epoch: int, step: int, steps: int, loss: float, taps: list[float], rate: float) -> None:
@@ -98,7 +98,8 @@ def finetune_command(
     """
     with session(device=device, seed=seed, quiet=quiet, json_mode=json_output) as ctx:
         dataset = SyntheticDataset.open(data)
-        settings = FinetuneSettings(epochs=epochs or PRESETS[DEFAULT_PRESET].epochs(dataset.num_images, batch, dataset.imgsz), batch=batch, lr=lr, weight_decay=weight_decay, optimizer=optimizer, loss=loss, tap_weights=tap_weights, bn=bn, precision=precision)
+        settings = FinetuneSettings(epochs=epochs or PRESETS[DEFAULT_PRESET].epochs(dataset.num_images, batch, dataset.imgsz), batch=batch, lr=lr, weight_decay=weight_decay, optimizer=optimizer, loss=loss, tap_weights=tap_weights, bn=bn,
+                                    precision=resolve_precision(precision, ctx.device))  # the JSON says bf16 or fp32, not auto
         settings.validate()
         student = load_model(pruned, weights)
         original = load_model(teacher, teacher_weights)
@@ -111,5 +112,4 @@ def finetune_command(
         state_path.unlink(missing_ok=True)
         ctx.console.print(f"Fine-tuned model written to {path} (final feature loss {history[-1].loss:.4f}).", highlight=False)
         ctx.emit({"command": "finetune", "out": str(path), "settings": vars(settings),
-                  "precision": resolve_precision(settings.precision, ctx.device),
                   "history": [vars(r) for r in history]})

@@ -41,12 +41,13 @@ def manifest_table(dataset: SyntheticDataset) -> Table:
 
 
 def run_synthesis_with_progress(ctx, adapter: ModelAdapter, plan: SynthesisPlan, precision: str) -> SyntheticDataset:
-    """Fill the planned shards with a progress bar (shared by ``synthesize`` and ``compress``)."""
+    """Fill the planned shards with a progress bar (shared by ``synthesize`` and ``compress``); ``precision`` is
+    already resolved (bf16 or fp32)."""
     existing = plan.dataset.num_images
     if not ctx.quiet:
         ctx.console.print(
             f"Synthesising {sum(plan.shard_sizes)} image(s) at {plan.dataset.imgsz} px from {adapter.describe()} "
-            f"on {ctx.device} ({resolve_precision(precision, ctx.device)}) into {plan.dataset.root} ({existing} already there).", highlight=False,
+            f"on {ctx.device} ({precision}) into {plan.dataset.root} ({existing} already there).", highlight=False,
         )
     steps = plan.settings.low_res_iterations + plan.settings.iterations
     with ctx.progress() as progress:
