@@ -173,7 +173,7 @@ def test_compress_reuses_a_synthetic_dataset_and_gates_on_max_drop(run_cli, tmp_
     assert not (run_dir / "synthetic").exists()  # reused, not regenerated
     for name in ("compressed.th", "pruned.th", "report.json", "report.md", "report.png", "run.json"):
         assert (run_dir / name).exists(), name
-    assert report["precision"] == "fp32" and "1 epochs in fp32" in (run_dir / "report.md").read_text()
+    assert report["precision"] == "fp32" and "Fine-tuning: 1 epoch in fp32," in (run_dir / "report.md").read_text()
     drop = report["metric_drop"]
     assert drop["metric"] == "top1" and drop["drop"] > 5  # 90 % of the channels gone, one tiny epoch
     assert report["models"]["compressed"]["efficiency"]["params"] < report["models"]["original"]["efficiency"]["params"]

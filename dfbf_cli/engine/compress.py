@@ -109,7 +109,7 @@ def _markdown(request: dict, reports: dict[str, ModelReport] | None, history: li
                                   ("GFLOPs", "gflops", 1), ("CPU latency (ms)", "latency_cpu_ms", 1), ("file (MB)", "file_mb", 1)):
             lines.append(f"| {label} | " + " | ".join(f"{getattr(reports[s].efficiency, key) * scale:.4g}" for s in STAGES) + " |")
     if history:
-        lines += ["", f"Fine-tuning: {len(history)} epochs in {precision}, feature loss {history[0].loss:.4f} → {history[-1].loss:.4f}."]
+        lines += ["", f"Fine-tuning: {len(history)} epoch{'s' * (len(history) != 1)} in {precision}, feature loss {history[0].loss:.4f} → {history[-1].loss:.4f}."]
     lines += ["", "![metric and loss](report.png)", ""]
     return "\n".join(lines)
 

@@ -34,6 +34,12 @@ TAP_WEIGHTS = {
 }
 
 
+def tap_weights(scheme: str, n: int) -> list[float]:
+    """The ``n`` taps' weights under ``scheme``, summing to 1 (the loss scale does not depend on the number of taps)."""
+    weights = torch.tensor(TAP_WEIGHTS[scheme](n))
+    return (weights / weights.sum()).tolist()
+
+
 @dataclass(frozen=True)
 class FinetuneSettings:
     epochs: int = 20
@@ -159,8 +165,7 @@ def finetune(
     check_compatible(student, teacher, imgsz)
     s_split, t_split = student.split(), teacher.split()
     taps = s_split.feature_taps
-    weights = torch.tensor(TAP_WEIGHTS[settings.tap_weights](len(taps)))
-    weights = (weights / weights.sum()).tolist()
+    weights = tap_weights(settings.tap_weights, len(taps))
     distance = DISTANCES[settings.loss]
     mixed_precision = autocast(settings.precision, device)
 
