@@ -20,7 +20,7 @@ from common import as_uint8, asset, machine
 
 from dfbf_cli.adapters import ModelAdapter, load_model
 from dfbf_cli.engine.data import load_eval_data
-from dfbf_cli.engine.finetune import FeatureTaps, tap_weights
+from dfbf_cli.engine.finetune import DISTANCES, FeatureTaps, tap_weights
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
 
 CPU = torch.device("cpu")
@@ -42,7 +42,7 @@ def tap_features(adapter: ModelAdapter, images: torch.Tensor) -> list[list[torch
 
 def feature_gap(student: list[list[torch.Tensor]], teacher: list[list[torch.Tensor]]) -> tuple[float, list[float]]:
     """(weighted L1 as fine-tuning weighs it, L1 per tap), averaged over the batches."""
-    per_tap = torch.tensor([[(s - t).abs().mean().item() for s, t in zip(sb, tb)] for sb, tb in zip(student, teacher)]).mean(0)
+    per_tap = torch.tensor([[DISTANCES["l1"](s, t).item() for s, t in zip(sb, tb)] for sb, tb in zip(student, teacher)]).mean(0)
     return float((torch.tensor(tap_weights("linear", len(per_tap))) * per_tap).sum()), per_tap.tolist()
 
 
