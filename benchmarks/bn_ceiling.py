@@ -21,8 +21,8 @@ import torch
 from common import as_uint8, asset, machine, private_copy
 from torch import nn
 
-from dfbf_cli.adapters import ModelAdapter, load_model
-from dfbf_cli.engine.data import load_eval_data
+from dfbf_cli.adapters import load_data, load_model
+from dfbf_cli.contract import ModelAdapter
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
 
 CPU = torch.device("cpu")
@@ -51,8 +51,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, help="use the first N images of each set")
     args = parser.parse_args()
     original = load_model(str(asset("models/yolo11n-pose.pt")))
-    labelled = load_eval_data(private_copy("coco-mini-pose"))
-    photos = as_uint8(load_eval_data(asset("data/photos")), 320)
+    labelled = load_data(private_copy("coco-mini-pose"))
+    photos = as_uint8(load_data(asset("data/photos")), 320)
     sets = {"150 real photos, 320 px": photos} | {str(d): SyntheticDataset.open(d).load()[0] for d in args.synthetic}
     print(f"machine: {machine(CPU)}\n\n| statistics from | images | pose / box mAP50-95 |\n|---|---|---|")
     metrics = original.evaluate(labelled, imgsz=640, batch=16, device=CPU)

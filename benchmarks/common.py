@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import platform
 import shutil
 import sys
@@ -13,10 +12,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dfbf_cli.adapters import ModelAdapter
-from dfbf_cli.engine.data import ImageFolder
-from dfbf_cli.engine.pruning import ChannelGroup, PruneSettings, apply_pruning, select_channels
+from dfbf_cli.contract import ChannelGroup, ImageFolder, ModelAdapter
+from dfbf_cli.engine.pruning import cut
 from dfbf_cli.engine.runtime import resolve_precision
+from dfbf_cli.settings import Criterion, Precision, PruneSettings
 
 ASSETS = Path(__file__).resolve().parents[2] / "shared" / "assets"
 
@@ -42,7 +41,7 @@ def as_uint8(photos: ImageFolder, size: int) -> torch.Tensor:
 
 def machine(device: torch.device) -> str:
     """The device, and the arithmetic ``--precision auto`` gives there."""
-    arithmetic = "bf16 autocast" if resolve_precision("auto", device) == "bf16" else "fp32"
+    arithmetic = "bf16 autocast" if resolve_precision(Precision.AUTO, device) == "bf16" else "fp32"
     if device.type == "cuda":
         return f"{torch.cuda.get_device_name(device)}, {arithmetic}"
     return f"{platform.machine()} CPU, {torch.get_num_threads()} threads, torch {torch.__version__}, {arithmetic}"
@@ -62,7 +61,5 @@ def cifar_dev_halves(folder: Path) -> tuple[np.ndarray, np.ndarray, Path]:
 def pruned_with_ratios(original: ModelAdapter, ratio_of: Callable[[ChannelGroup], float]) -> ModelAdapter:
     """A copy of the model, each channel group pruned (one-shot L1) at its own ratio: for experiments
     on where to prune, which the product's uniform / layer-dependent schedules do not express."""
-    student = original.with_model(copy.deepcopy(original.model).eval())
-    groups = student.channel_groups()
-    apply_pruning(student.model, groups, {g.name: select_channels(student.model, g, PruneSettings(ratio_of(g))) for g in groups})
-    return student
+    groups = original.channel_groups()
+    return cut(original, groups, {g.name: PruneSettings(ratio_of(g)).keep_count(g.size) for g in groups}, Criterion.L1)

@@ -18,10 +18,11 @@ from pathlib import Path
 import torch
 from common import as_uint8, asset, machine
 
-from dfbf_cli.adapters import ModelAdapter, load_model
-from dfbf_cli.engine.data import load_eval_data
-from dfbf_cli.engine.finetune import DISTANCES, FeatureTaps, tap_weights
+from dfbf_cli.adapters import load_data, load_model
+from dfbf_cli.contract import ModelAdapter
+from dfbf_cli.engine.features import FeatureTaps, tap_weights, weighted_distance
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
+from dfbf_cli.settings import Distance, TapWeighting
 
 CPU = torch.device("cpu")
 BATCH = 32
@@ -42,8 +43,9 @@ def tap_features(adapter: ModelAdapter, images: torch.Tensor) -> list[list[torch
 
 def feature_gap(student: list[list[torch.Tensor]], teacher: list[list[torch.Tensor]]) -> tuple[float, list[float]]:
     """(weighted L1 as fine-tuning weighs it, L1 per tap), averaged over the batches."""
-    per_tap = torch.tensor([[DISTANCES["l1"](s, t).item() for s, t in zip(sb, tb)] for sb, tb in zip(student, teacher)]).mean(0)
-    return float((torch.tensor(tap_weights("linear", len(per_tap))) * per_tap).sum()), per_tap.tolist()
+    weights = tap_weights(TapWeighting.LINEAR, len(student[0]))
+    per_tap = torch.stack([weighted_distance(sb, tb, weights, Distance.L1)[1] for sb, tb in zip(student, teacher)]).mean(0)
+    return float((torch.tensor(weights) * per_tap).sum()), per_tap.tolist()
 
 
 def main() -> None:
@@ -52,7 +54,7 @@ def main() -> None:
     parser.add_argument("--synthetic", nargs="*", type=Path, default=[])
     args = parser.parse_args()
     teacher = load_model(str(asset("models/yolo11n-pose.pt")))
-    photos = load_eval_data(asset("data/photos"))
+    photos = load_data(asset("data/photos"))
     sets = {str(d): SyntheticDataset.open(d).load()[0] for d in args.synthetic}
     sets |= {f"150 photos, {size} px": as_uint8(photos, size) for size in (320, 640)}
     targets = {name: tap_features(teacher, images) for name, images in sets.items()}

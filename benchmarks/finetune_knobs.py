@@ -7,7 +7,8 @@ SYNTHETIC_DIR: a synthetic dataset of that model, e.g. the run directory's synth
 benchmarks/recovery.py. Each row prunes the original (one-shot L1), fine-tunes it with the settings
 shown and scores it (YOLO: pose / box mAP50-95 on coco-mini-pose at 640 px; CIFAR: top-1 on half B of
 the dev file, as recovery.py). YOLO rows also vary the pruning scope: the ratio of block-internal
-channel groups and of backbone-interface groups (the YOLO adapter names those ``model.i→j``).
+channel groups and of the groups at layer outputs, the interfaces between layers (the YOLO adapter
+names those ``model.i.out``).
 """
 
 from __future__ import annotations
@@ -20,11 +21,11 @@ from pathlib import Path
 import torch
 from common import asset, cifar_dev_halves, machine, private_copy, pruned_with_ratios
 
-from dfbf_cli.adapters import load_model
-from dfbf_cli.engine.data import load_eval_data
+from dfbf_cli.adapters import load_data, load_model
 from dfbf_cli.engine.efficiency import gflops
-from dfbf_cli.engine.finetune import FinetuneSettings, finetune
+from dfbf_cli.engine.finetune import finetune
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
+from dfbf_cli.settings import FinetuneSettings, Scope
 
 CPU = torch.device("cpu")
 # (internal ratio, interface ratio, changes to the fine-tuning defaults); finetune.md's weight-decay
@@ -44,10 +45,10 @@ CIFAR_ROWS = [
 def main(kind: str, synthetic: Path, epochs: int) -> None:
     if kind == "yolo":
         original, rows, size = load_model(str(asset("models/yolo11n-pose.pt"))), YOLO_ROWS, 640
-        data, shown = load_eval_data(private_copy("coco-mini-pose")), ("pose_map50_95", "box_map50_95")
+        data, shown = load_data(private_copy("coco-mini-pose")), ("pose_map50_95", "box_map50_95")
     else:
         original, rows, size = load_model("cifar-resnet56", str(asset("models/cifar10-resnet56.th"))), CIFAR_ROWS, 32
-        data, shown = load_eval_data(cifar_dev_halves(Path(tempfile.mkdtemp()))[2]), ("top1",)
+        data, shown = load_data(cifar_dev_halves(Path(tempfile.mkdtemp()))[2]), ("top1",)
     dataset = SyntheticDataset.open(synthetic)
     dataset.check_teacher(original.fingerprint(), allow_mismatch=False)
     images, _ = dataset.load()
@@ -56,10 +57,10 @@ def main(kind: str, synthetic: Path, epochs: int) -> None:
     print(f"| internal ratio | interface ratio | GFLOPs | fine-tuning (differences from the defaults) | {' / '.join(shown)} before | after | time |")
     print("|---|---|---|---|---|---|---|")
     for internal, interface, changes in rows:
-        student = pruned_with_ratios(original, lambda g: interface if "→" in g.name else internal)  # noqa: B023 (used at once)
+        student = pruned_with_ratios(original, lambda g: interface if g.name.endswith(".out") else internal)  # noqa: B023 (used at once)
         before = student.evaluate(data, imgsz=size, batch=16, device=CPU)
         start = time.perf_counter()
-        finetune(student, original, images, settings=FinetuneSettings(epochs=epochs, **changes), device=CPU, seed=0,
+        finetune(student, original, images, settings=FinetuneSettings(epochs=epochs, **changes), scope=Scope.BACKBONE, device=CPU, seed=0,
                  state_path=Path(tempfile.mkdtemp()) / "state.pt")
         seconds = time.perf_counter() - start
         after = student.evaluate(data, imgsz=size, batch=16, device=CPU)

@@ -16,19 +16,18 @@ from pathlib import Path
 import torch
 from common import asset, machine, private_copy, pruned_with_ratios
 
-from dfbf_cli.adapters import load_model
-from dfbf_cli.engine.data import load_eval_data
+from dfbf_cli.adapters import load_data, load_model
 from dfbf_cli.engine.efficiency import gflops
-from dfbf_cli.engine.progressive import PROBE_MAX_IMGSZ, OutputImpact, ProgressiveSettings
-from dfbf_cli.engine.pruning import PruneSettings
+from dfbf_cli.engine.progressive import PROBE_MAX_IMGSZ, OutputImpact
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
+from dfbf_cli.settings import ProgressiveSettings, PruneSettings
 
 CPU = torch.device("cpu")
 
 
 def main(ratio: float, synthetic: Path | None) -> None:
     original = load_model(str(asset("models/yolo11n-pose.pt")))
-    data = load_eval_data(private_copy("coco-mini-pose"))
+    data = load_data(private_copy("coco-mini-pose"))
     example = torch.zeros(1, 3, 640, 640)
     base = gflops(original.model, example)
     impact = None

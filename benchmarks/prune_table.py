@@ -13,10 +13,10 @@ from __future__ import annotations
 import torch
 from common import asset, machine, private_copy
 
-from dfbf_cli.adapters import load_model
-from dfbf_cli.engine.data import load_eval_data
+from dfbf_cli.adapters import load_data, load_model
 from dfbf_cli.engine.efficiency import measure_efficiency
-from dfbf_cli.engine.pruning import PruneSettings, prune
+from dfbf_cli.engine.pruning import prune
+from dfbf_cli.settings import PruneSettings
 
 CASES = [
     ("yolo11n-pose", (str(asset("models/yolo11n-pose.pt")), None), "coco-mini-pose", ("pose_map50_95", "box_map50_95")),
@@ -30,13 +30,13 @@ def main() -> None:
     print("| model | ratio | backbone params | params | GFLOPs | CPU latency (ms) | metric after pruning (no fine-tuning) |")
     print("|---|---|---|---|---|---|---|")
     for label, spec, data_name, metrics in CASES:
-        data = load_eval_data(private_copy(data_name) if not data_name.endswith(".npz") else asset(f"data/{data_name}"))
+        data = load_data(private_copy(data_name) if not data_name.endswith(".npz") else asset(f"data/{data_name}"))
         original = load_model(*spec)
         size = original.input_spec.imgsz
         base = original.evaluate(data, imgsz=size, batch=16 if size > 64 else 500, device=device)
         for ratio in (0.3, 0.5):
             pruned, _ = prune(original, PruneSettings(ratio))
-            before, after = measure_efficiency([original, pruned], imgsz=size, device=device, runs=30)
+            before, after = measure_efficiency([(original, size), (pruned, size)], device=device, runs=30)
             scores = pruned.evaluate(data, imgsz=size, batch=16 if size > 64 else 500, device=device)
             change = lambda b, a: f"{b:,.3g} → {a:,.3g} (−{1 - a / b:.1%})"  # noqa: E731
             shown = ", ".join(f"{m} {base[m]:.3f} → {scores[m]:.3f}" for m in metrics)

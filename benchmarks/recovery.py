@@ -24,10 +24,10 @@ import numpy as np
 import torch
 from common import as_uint8, asset, cifar_dev_halves, machine, private_copy
 
-from dfbf_cli.adapters import ModelAdapter, load_model
-from dfbf_cli.engine.data import load_eval_data
-from dfbf_cli.engine.finetune import FinetuneSettings, finetune
-from dfbf_cli.engine.presets import PRESETS
+from dfbf_cli.adapters import load_data, load_model
+from dfbf_cli.contract import ModelAdapter
+from dfbf_cli.engine.finetune import finetune
+from dfbf_cli.settings import PRESETS, FinetuneSettings, Scope
 
 CPU = torch.device("cpu")
 WORK = Path(tempfile.mkdtemp(prefix="dfbf-recovery-"))
@@ -44,7 +44,8 @@ def finetuned_on(images: torch.Tensor, original: ModelAdapter, epochs: int, tag:
     """The pruned model of the compress run, fine-tuned exactly as compress does, on other images."""
     student = original.reload(WORK / "run" / f"pruned{original.default_suffix}")
     start = time.perf_counter()
-    finetune(student, original, images, settings=FinetuneSettings(epochs=epochs), device=CPU, seed=0, state_path=WORK / f"{tag}.pt")
+    finetune(student, original, images, settings=FinetuneSettings(epochs=epochs), scope=Scope.BACKBONE, device=CPU, seed=0,
+             state_path=WORK / f"{tag}.pt")
     return student, time.perf_counter() - start
 
 
@@ -62,7 +63,7 @@ def cifar() -> None:
     count = PRESETS["balanced"].num_images(32)
     epochs = PRESETS["balanced"].epochs(count, FinetuneSettings.batch, 32)
     real = torch.from_numpy(x[np.random.default_rng(0).choice(half_a, count, replace=False)]).permute(0, 3, 1, 2).contiguous()
-    data_b = load_eval_data(half_b)
+    data_b = load_data(half_b)
     scores = {}
     for tag, images in (("noise", gaussian_noise_like(real)), ("real", real)):
         model, _ = finetuned_on(images, original, epochs, tag)
@@ -80,12 +81,12 @@ def yolo() -> None:
     preset = PRESETS["balanced"]
     size = preset.imgsz(original.input_spec.imgsz)
     epochs = preset.epochs(preset.num_images(size), FinetuneSettings.batch, size)
-    photos = load_eval_data(asset("data/photos"))
+    photos = load_data(asset("data/photos"))
     real = as_uint8(photos, size)[: preset.num_images(size)]
     models = {"original": original, "pruned": original.reload(run / "pruned.pt"), "compressed": original.reload(run / "compressed.pt")}
     for tag, images in (("noise", gaussian_noise_like(real)), ("real photos", real)):
         models[tag], _ = finetuned_on(images, original, epochs, tag.split()[0])
-    labelled = load_eval_data(data)
+    labelled = load_data(data)
     cells = []
     for tag, adapter in models.items():
         metrics = adapter.evaluate(labelled, imgsz=640, batch=16, device=CPU)
@@ -98,6 +99,7 @@ def yolo() -> None:
 
 if __name__ == "__main__":
     print(f"machine: {machine(CPU)}\n")
-    print("| case | unpruned | pruned, no fine-tune | dfbf compress (balanced) | control: fine-tune on Gaussian noise | upper bound: fine-tune on real images |")
+    print("| case | unpruned | pruned, no fine-tune | dfbf compress (balanced) | control: fine-tune on Gaussian noise "
+          "| upper bound: fine-tune on real images |")
     print("|---|---|---|---|---|---|")
     {"cifar": cifar, "yolo": yolo}[sys.argv[1]]()

@@ -19,12 +19,12 @@ from pathlib import Path
 import torch
 from common import asset, machine, private_copy
 
-from dfbf_cli.adapters import load_model
-from dfbf_cli.engine.data import load_eval_data
-from dfbf_cli.engine.finetune import FinetuneSettings, finetune
-from dfbf_cli.engine.progressive import ProgressiveSettings, prune_with_strategy
-from dfbf_cli.engine.pruning import PruneSettings
+from dfbf_cli.adapters import load_data, load_model
+from dfbf_cli.engine.finetune import finetune
+from dfbf_cli.engine.progressive import progressive_prune
+from dfbf_cli.engine.pruning import plan_keep, prune
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
+from dfbf_cli.settings import FinetuneSettings, ProgressiveSettings, PruneSettings, Scope, Strategy
 
 CPU = torch.device("cpu")
 
@@ -32,13 +32,16 @@ CPU = torch.device("cpu")
 def main(kind: str, synthetic: Path, epochs: int) -> None:
     if kind == "cifar":
         original = load_model("cifar-resnet56", str(asset("models/cifar10-resnet56.th")))
-        data, ratios, batch, shown = load_eval_data(asset("data/cifar10-test-dev.npz")), (0.3, 0.5), 1000, ("top1", "top1_fgsm_0.01", "top1_fgsm_0.05", "top1_noise_0.05")
+        data, ratios, batch = load_data(asset("data/cifar10-test-dev.npz")), (0.3, 0.5), 1000
+        shown = ("top1", "top1_fgsm_0.01", "top1_fgsm_0.05", "top1_noise_0.05")
     else:
         original = load_model(str(asset("models/yolo11n-pose.pt")))
-        data, ratios, batch, shown = load_eval_data(private_copy("coco-mini-pose")), (0.3,), 16, ("pose_map50_95", "pose_map50_95_noise_0.05", "box_map50_95", "box_map50_95_noise_0.05")
+        data, ratios, batch = load_data(private_copy("coco-mini-pose")), (0.3,), 16
+        shown = ("pose_map50_95", "pose_map50_95_noise_0.05", "box_map50_95", "box_map50_95_noise_0.05")
     dataset = SyntheticDataset.open(synthetic)
     dataset.check_teacher(original.fingerprint(), allow_mismatch=False)
     images, _ = dataset.load()
+    probe = dataset.probe(ProgressiveSettings.probe_images)
     size = original.input_spec.imgsz
 
     def scores(adapter) -> str:
@@ -49,16 +52,21 @@ def main(kind: str, synthetic: Path, epochs: int) -> None:
     print("| model | ratio | strategy | pruning time | after pruning | fine-tuning time | after DFBF fine-tuning |\n|---|---|---|---|---|---|---|")
     print(f"| {original.name} | 0 | unpruned | - | {scores(original)} | - | - |")
     for ratio in ratios:
-        for strategy in ("oneshot", "progressive"):
+        settings = PruneSettings(ratio)
+        keep = plan_keep(original, settings, imgsz=size, probe=None, device=CPU)
+        for strategy in Strategy:
             start = time.perf_counter()
-            pruned, _ = prune_with_strategy(original, PruneSettings(ratio), strategy, probe=dataset.probe(8),
-                                            progressive=ProgressiveSettings(), seed=0)
+            if strategy == Strategy.PROGRESSIVE:
+                pruned, _ = progressive_prune(original, settings, keep, ProgressiveSettings(), probe, seed=0)
+            else:
+                pruned, _ = prune(original, settings, keep)
             prune_seconds = time.perf_counter() - start
             before = scores(pruned)
             start = time.perf_counter()
             state = Path(tempfile.mkdtemp()) / "state.pt"
-            finetune(pruned, original, images, settings=FinetuneSettings(epochs=epochs), device=CPU, seed=0, state_path=state)
-            print(f"| {original.name} | {ratio} | {strategy} | {prune_seconds:.1f} s | {before} | {(time.perf_counter() - start) / 60:.1f} min | {scores(pruned)} |", flush=True)
+            finetune(pruned, original, images, settings=FinetuneSettings(epochs=epochs), scope=Scope.BACKBONE, device=CPU, seed=0, state_path=state)
+            minutes = (time.perf_counter() - start) / 60
+            print(f"| {original.name} | {ratio} | {strategy} | {prune_seconds:.1f} s | {before} | {minutes:.1f} min | {scores(pruned)} |", flush=True)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,9 @@ import torch
 from common import asset, machine
 
 from dfbf_cli.adapters import load_model
-from dfbf_cli.engine.synthesis import SynthesisSettings, synthesize_batch
+from dfbf_cli.engine.runtime import resolve_precision
+from dfbf_cli.engine.synthesis import synthesize_batch
+from dfbf_cli.settings import Precision, SynthesisSettings
 
 YOLO = (str(asset("models/yolo11n-pose.pt")), None)
 RESNET56 = ("cifar-resnet56", str(asset("models/cifar10-resnet56.th")))
@@ -26,7 +28,8 @@ def run(model, *, imgsz: int, count: int, low: int, full: int, device: torch.dev
     adapter = load_model(*model)
     settings = SynthesisSettings(low_res_iterations=low, iterations=full, class_weight=0.0)
     start = time.perf_counter()
-    _, stats = synthesize_batch(adapter.split(), adapter.input_spec, settings, count=count, imgsz=imgsz, seed=0, device=device)
+    _, stats = synthesize_batch(adapter.split(), adapter.input_spec, settings, count=count, imgsz=imgsz, seed=0, device=device,
+                                precision=resolve_precision(Precision.AUTO, device))
     return time.perf_counter() - start, stats
 
 

@@ -69,3 +69,47 @@ def run_cli(capsys, monkeypatch):
         return CliResult(code if isinstance(code, int) else (0 if code is None else 1), out.out, out.err)
 
     return run
+
+
+# -- generated fixtures: the tier that needs nothing but the package -------------------------------------
+
+
+@pytest.fixture(scope="session")
+def generated(tmp_path_factory):
+    """Folder of generated inputs shared by the session (see tests/fixtures.py)."""
+    return tmp_path_factory.mktemp("generated")
+
+
+def random_cifar(folder: Path, depth: int) -> list[str]:
+    """A random-weight CIFAR ResNet saved as a weights file (a random model is only reproducible as a file),
+    as MODEL arguments."""
+    import torch
+
+    from dfbf_cli.adapters import load_model
+
+    path = folder / f"r{depth}-random.safetensors"
+    if not path.exists():
+        torch.manual_seed(depth)
+        load_model(f"cifar-resnet{depth}").save(path)
+    return [f"cifar-resnet{depth}", "--weights", str(path)]
+
+
+@pytest.fixture(scope="session")
+def random_r20(generated):
+    return random_cifar(generated, 20)
+
+
+@pytest.fixture(scope="session")
+def random_pose(generated):
+    """A random-weight one-class YOLO11n-pose checkpoint at 64 px, and a 4-image pose dataset for it."""
+    from tests.fixtures import one_class_yolo, yolo_dataset
+
+    return one_class_yolo(generated, "pose"), yolo_dataset(generated / "pose-data", "pose")
+
+
+def pruned_copy(adapter, ratio: float, scope=None):
+    """``adapter`` pruned one-shot at a uniform ratio (within ``scope``, default the backbone)."""
+    from dfbf_cli.engine.pruning import prune
+    from dfbf_cli.settings import PruneSettings, Scope
+
+    return prune(adapter, PruneSettings(ratio, scope=scope or Scope.BACKBONE))[0]

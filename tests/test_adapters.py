@@ -10,12 +10,15 @@ import torch
 
 from dfbf_cli.adapters import load_model
 from dfbf_cli.errors import DfbfError
+from dfbf_cli.settings import Scope
 from tests.conftest import shared_asset
 
 STRUCTURAL = [
     "yolov8n.yaml", "yolov8n-pose.yaml", "yolov8n-cls.yaml", "yolo11n.yaml", "yolo11n-pose.yaml", "yolo11n-cls.yaml",
+    "yolo11n-seg.yaml", "yolo11n-obb.yaml",
     "torchvision:resnet18", "torchvision:resnet50", "torchvision:mobilenet_v2", "torchvision:vgg16_bn", "cifar-resnet20",
 ]
+TASKS = {"cls": "classify", "pose": "pose", "seg": "segment", "obb": "obb"}
 
 
 def _first(output):
@@ -27,8 +30,8 @@ def _example(adapter, n: int = 2) -> torch.Tensor:
     return torch.rand(n, 3, size, size, generator=torch.Generator().manual_seed(0))
 
 
-def assert_split_reassembles(adapter) -> None:
-    split = adapter.split()
+def assert_split_reassembles(adapter, scope: Scope = Scope.BACKBONE) -> None:
+    split = adapter.split(scope)
     x = _example(adapter)
     with torch.no_grad():
         expected = _first(adapter.model(x))
@@ -46,16 +49,21 @@ def assert_split_reassembles(adapter) -> None:
 @pytest.mark.parametrize("spec", STRUCTURAL)
 def test_structural_models_split_and_reassemble(spec):
     adapter = load_model(spec)
-    assert adapter.task == ("classify" if "cls" in spec or ":" in spec or "cifar" in spec else "pose" if "pose" in spec else "detect")
-    assert_split_reassembles(adapter)
+    kind = next((task for key, task in TASKS.items() if key in spec), "classify" if ":" in spec or "cifar" in spec else "detect")
+    assert adapter.task == kind
+    for scope in Scope:
+        assert_split_reassembles(adapter, scope)
 
 
 @pytest.mark.parametrize(("name", "task"), [("yolo11n-pose.pt", "pose"), ("yolo11n-person.pt", "detect")])
 def test_real_yolo_checkpoints_split_and_reassemble(name, task):
     adapter = load_model(str(shared_asset(f"models/{name}")))
-    assert adapter.task == task and adapter.input_spec.imgsz == 640
+    assert adapter.task == task and adapter.input_spec.imgsz == 640 and adapter.input_spec.stride == 32
     assert adapter.split().feature_taps == ["model.4", "model.6", "model.10"]
-    assert_split_reassembles(adapter)
+    assert adapter.split(Scope.TRUNK).feature_taps == ["model.16", "model.19", "model.22"]  # what the task module reads
+    assert adapter.split(Scope.TRUNK).head_modules == ["model.23"]
+    for scope in Scope:
+        assert_split_reassembles(adapter, scope)
 
 
 def test_cifar_checkpoint_loads_with_its_normalisation():
@@ -114,8 +122,9 @@ def test_classifier_round_trip_keeps_a_shrunk_architecture(tmp_path, suffix):
         ("resnet18", None, "Unknown model"),
         ("torchvision:alexnet", None, "Unsupported torchvision model"),
         ("cifar-resnet7", None, "Unknown CIFAR ResNet"),
-        ("yolov8n-seg.yaml", None, "dfbf supports detect, pose, classify"),
         ("cifar-resnet20", "nowhere.th", "does not exist"),
+        ("cifar-resnet20", "cifar10-resnet20", "is not a file"),
+        ("torchvision:resnet18", "IMAGENET_NOPE", "neither a file nor a weights name of resnet18"),
         ("torchvision:resnet18", "cifar-resnet56-as-weights", "do not fit"),
     ],
 )

@@ -8,7 +8,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.conftest import shared_asset
+from dfbf_cli.adapters import load_model
+from dfbf_cli.settings import Scope
+from tests.conftest import pruned_copy, shared_asset
 
 
 def _json(result) -> dict:
@@ -16,10 +18,16 @@ def _json(result) -> dict:
     return json.loads(result.stdout)
 
 
+COMMANDS = ("compress", "synthesize", "prune", "finetune", "eval")
+
+
 def test_version_and_help_list_working_commands(run_cli):
     assert run_cli("--version").stdout.startswith("dfbf ")
     help_text = run_cli("--help").stdout
-    assert "eval" in help_text
+    for command in COMMANDS:
+        assert command in help_text
+        page = run_cli(command, "--help")
+        assert page.code == 0 and f" {command} [OPTIONS]" in page.stdout and "--json" in page.stdout
 
 
 def test_pose_map_matches_ultralytics_own_validation(run_cli, dataset_copy, monkeypatch):
@@ -76,6 +84,44 @@ def test_classifier_agreement_with_teacher_on_photos(run_cli, tmp_path):
     common = ["--teacher", "cifar-resnet20", "--teacher-weights", weights, "--data", tmp_path, "--json", "--latency-runs", "1"]
     same = _json(run_cli("eval", "cifar-resnet20", "--weights", weights, *common))
     assert same["models"][0]["metrics"]["agreement_top1"] == 100.0
+    pruned = tmp_path / "pruned.th"
+    pruned_copy(load_model("cifar-resnet20", str(weights)), 0.9).save(pruned)
+    for i in range(3, 20):  # more varied images, so that a broken model disagrees somewhere
+        Image.fromarray(np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(tmp_path / f"photo{i}.png")
+    other = _json(run_cli("eval", "cifar-resnet20", "--weights", pruned, *common))
+    assert other["models"][0]["metrics"]["agreement_top1"] < 90.0
+
+
+def test_yolo_agreement_is_high_for_the_teacher_itself_and_low_for_a_pruned_copy(run_cli, tmp_path):
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for path in sorted(shared_asset("data/photos").iterdir())[:6]:
+        (photos / path.name).symlink_to(path)
+    model = shared_asset("models/yolo11n-pose.pt")
+    pruned = pruned_copy(load_model(str(model)), 0.3).save(tmp_path / "pruned.pt")
+    report = _json(run_cli("eval", model, pruned, "--teacher", model, "--data", photos, "--imgsz", "320", "--json", "--latency-runs", "1", "-q"))
+    itself, copy = (m["metrics"]["agreement_pose_map50_95"] for m in report["models"])
+    assert itself > 0.5 and copy < itself - 0.2
+    assert report["free_alternative"] == []  # agreement is not a labelled metric: no free-alternative column
+
+
+def test_eval_puts_a_cheaper_yolo_model_beside_the_original_at_equal_gflops(run_cli, tmp_path, dataset_copy):
+    model = shared_asset("models/yolo11n-pose.pt")
+    pruned = pruned_copy(load_model(str(model)), 0.3).save(tmp_path / "pruned.pt")
+    report = _json(run_cli("eval", model, pruned, "--data", dataset_copy("coco8-pose"), "--json", "--latency-runs", "1", "-q"))
+    names = [m["name"] for m in report["models"]]
+    assert names == ["yolo11n-pose.pt", "pruned.pt", "yolo11n-pose.pt @ 608 px"]  # 7.47 × (608/640)² ≈ 6.74 GFLOPs, nearest to 6.55
+    verdict = report["free_alternative"][0]
+    assert verdict["baseline_imgsz"] == 608 and verdict["pays"] is False  # an untrained pruned model loses to a free input size
+    assert abs(verdict["baseline_gflops"] / verdict["compressed_gflops"] - 1) < 0.05
+
+
+def test_eval_free_alternative_on_generated_data(run_cli, random_pose, tmp_path):
+    model, data = random_pose
+    pruned = pruned_copy(load_model(str(model)), 0.5, Scope.TRUNK).save(tmp_path / "pruned.pt")
+    report = _json(run_cli("eval", model, pruned, "--data", data, "--json", "--latency-runs", "1", "-q"))
+    assert len(report["models"]) == 3 and report["models"][2]["efficiency"]["imgsz"] == 32
+    assert set(report["models"][0]["metrics"]) == {"pose_map50_95", "pose_map50", "box_map50_95", "box_map50"}
 
 
 @pytest.mark.parametrize(

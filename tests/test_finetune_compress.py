@@ -12,6 +12,7 @@ import torch
 
 import dfbf_cli.engine.finetune as finetune_module
 from dfbf_cli.adapters import load_model
+from dfbf_cli.settings import Precision, Scope
 from tests.conftest import cifar_subset, shared_asset
 
 QUIET = ["--device", "cpu", "-q"]
@@ -25,18 +26,20 @@ def r20():
 @pytest.fixture(scope="module")
 def tiny_synthetic(tmp_path_factory, r20):
     """16 synthetic 32-px images from the real ResNet-20 (a few iterations: enough to exercise the stages)."""
-    from dfbf_cli.engine.synthesis import SynthesisSettings, plan_synthesis, run_synthesis
+    from dfbf_cli.engine.synthesis import plan_synthesis, run_synthesis
+    from dfbf_cli.settings import SynthesisSettings
 
     out = tmp_path_factory.mktemp("synth") / "r20"
     teacher = load_model(r20[0], r20[2])
-    plan = plan_synthesis(teacher, out, num_images=16, imgsz=32, batch=8, settings=SynthesisSettings(5, 10), seed=0)
+    plan = plan_synthesis(teacher, out, num_images=16, imgsz=32, batch=8, settings=SynthesisSettings(5, 10), seed=0, precision=Precision.FP32)
     run_synthesis(teacher, plan, device=torch.device("cpu"))
     return out
 
 
 @pytest.fixture(scope="module")
 def pruned_r20(tmp_path_factory, r20):
-    from dfbf_cli.engine.pruning import PruneSettings, prune
+    from dfbf_cli.engine.pruning import prune
+    from dfbf_cli.settings import PruneSettings
 
     path = tmp_path_factory.mktemp("pruned") / "r20-p50.safetensors"
     pruned, _ = prune(load_model(r20[0], r20[2]), PruneSettings(0.5))
@@ -103,15 +106,16 @@ def test_cutmix_pastes_one_box_from_a_partner_image():
 
 
 def test_weight_decay_is_applied_when_asked_and_validated(run_cli, tmp_path, tiny_synthetic, pruned_r20, r20):
-    from dfbf_cli.engine.finetune import FinetuneSettings, finetune
+    from dfbf_cli.engine.finetune import finetune
     from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
+    from dfbf_cli.settings import FinetuneSettings
 
     images, _ = SyntheticDataset.open(tiny_synthetic).load()
     norms = {}
     for decay in (0.0, 1.0):
         student = load_model(str(pruned_r20))
         finetune(student, load_model(r20[0], r20[2]), images, settings=FinetuneSettings(epochs=2, batch=8, weight_decay=decay),
-                 device=torch.device("cpu"), seed=0, state_path=tmp_path / f"state-{decay}.pt")
+                 scope=Scope.BACKBONE, device=torch.device("cpu"), seed=0, state_path=tmp_path / f"state-{decay}.pt")
         norms[decay] = sum(float(p.norm()) for p in student.split().backbone.parameters())
     assert norms[1.0] < 0.99 * norms[0.0]
     refused = _finetune(run_cli, pruned_r20, tiny_synthetic, tmp_path / "x.safetensors", "--weight-decay", "-1")
@@ -119,9 +123,10 @@ def test_weight_decay_is_applied_when_asked_and_validated(run_cli, tmp_path, tin
 
 
 def test_precision_auto_follows_the_hardware_and_bf16_trains_in_bfloat16(run_cli, tmp_path, tiny_synthetic, pruned_r20, r20, monkeypatch):
-    from dfbf_cli.engine.finetune import FinetuneSettings, finetune
+    from dfbf_cli.engine.finetune import finetune
     from dfbf_cli.engine.runtime import resolve_precision
     from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
+    from dfbf_cli.settings import FinetuneSettings
 
     cpu = torch.device("cpu")
     for native in (True, False):
@@ -135,7 +140,7 @@ def test_precision_auto_follows_the_hardware_and_bf16_trains_in_bfloat16(run_cli
         student, seen = load_model(str(pruned_r20)), set()
         student.model.conv1.register_forward_hook(lambda _m, _i, output, seen=seen: seen.add(output.dtype))
         history = finetune(student, load_model(r20[0], r20[2]), images, settings=FinetuneSettings(epochs=3, batch=8, precision=precision),
-                           device=cpu, seed=0, state_path=tmp_path / f"state-{precision}.pt")
+                           scope=Scope.BACKBONE, device=cpu, seed=0, state_path=tmp_path / f"state-{precision}.pt")
         assert (torch.bfloat16 in seen) == (precision == "bf16") and history[-1].loss < history[0].loss
         assert all(p.dtype == torch.float32 for p in student.model.parameters())  # weights stay fp32
     refused = _finetune(run_cli, pruned_r20, tiny_synthetic, tmp_path / "x.safetensors", "--precision", "fp16")
@@ -213,7 +218,7 @@ def test_compress_yolo_end_to_end_loads_in_stock_ultralytics(run_cli, tmp_path, 
 def test_presets_budget_fine_tuning_in_optimiser_steps():
     """A large-input model's small synthetic set gets more epochs, not fewer updates, and large inputs
     more steps (docs/finetune.md)."""
-    from dfbf_cli.engine.presets import PRESETS
+    from dfbf_cli.settings import PRESETS
 
     balanced = PRESETS["balanced"]
     cifar_images, yolo_images = balanced.num_images(32), balanced.num_images(balanced.imgsz(640))

@@ -11,8 +11,9 @@ import torch
 from dfbf_cli.adapters import load_model
 from dfbf_cli.adapters.classifier import classification_accuracy, classification_robustness
 from dfbf_cli.engine.efficiency import count_params
-from dfbf_cli.engine.progressive import ProgressiveSettings, merge_channel, progressive_prune
-from dfbf_cli.engine.pruning import PruneSettings, apply_pruning, prune
+from dfbf_cli.engine.progressive import merge_channel, progressive_prune
+from dfbf_cli.engine.pruning import apply_pruning, prune
+from dfbf_cli.settings import ProgressiveSettings, PruneSettings
 from tests.conftest import cifar_subset, shared_asset
 
 
@@ -44,11 +45,12 @@ def test_progressive_reaches_the_ratio_exactly_and_is_seeded(spec):
     adapter = load_model(spec)
     settings = PruneSettings(0.4)
     size, quick = 32, ProgressiveSettings(steps=2, probe_images=2)
-    first, outcomes = progressive_prune(adapter, settings, quick, _probe(2, size), seed=7)
+    keep = {g.name: settings.keep_count(g.size) for g in adapter.channel_groups()}
+    first, outcomes = progressive_prune(adapter, settings, keep, quick, _probe(2, size), seed=7)
     assert all(o.after == settings.keep_count(o.before) for o in outcomes)
     one_shot, _ = prune(adapter, settings)
     assert count_params(first.model) == count_params(one_shot.model)
-    again, _ = progressive_prune(adapter, settings, quick, _probe(2, size), seed=7)
+    again, _ = progressive_prune(adapter, settings, keep, quick, _probe(2, size), seed=7)
     for a, b in zip(first.model.state_dict().values(), again.model.state_dict().values()):
         assert torch.equal(a, b)
     before, after = adapter.split(), first.split()
@@ -67,7 +69,8 @@ def test_progressive_keeps_more_accuracy_than_one_shot_at_the_same_size():
     data = cifar_subset(50)
     probe = torch.from_numpy(data.arrays[::63]).permute(0, 3, 1, 2).float() / 255  # 8 images across classes
     settings = PruneSettings(0.5)
-    progressive, _ = progressive_prune(adapter, settings, ProgressiveSettings(), probe, seed=0)
+    keep = {g.name: settings.keep_count(g.size) for g in adapter.channel_groups()}
+    progressive, _ = progressive_prune(adapter, settings, keep, ProgressiveSettings(), probe, seed=0)
     one_shot, _ = prune(adapter, settings)
     accuracy = lambda a: classification_accuracy(a.scorer(torch.device("cpu")), data, imgsz=32, batch=500, num_outputs=10)["top1"]  # noqa: E731
     assert count_params(progressive.model) == count_params(one_shot.model)
@@ -79,10 +82,11 @@ def test_fgsm_at_zero_equals_the_clean_metric_and_attacks_hurt():
     data = cifar_subset(20)
     scorer = adapter.scorer(torch.device("cpu"))
     clean = classification_accuracy(scorer, data, imgsz=32, batch=100, num_outputs=10)["top1"]
-    robust = classification_robustness(scorer, data, imgsz=32, batch=100, epsilons=(0.0, 0.05))
-    assert robust["top1_fgsm_0"] == clean
+    robust = classification_robustness(scorer, data, imgsz=32, batch=100, epsilons=(0.0, 0.05), sigma=0.0)
+    assert robust["top1_fgsm_0"] == clean and robust["top1_noise_0"] == clean  # no perturbation, no change
     assert robust["top1_fgsm_0.05"] < clean - 10
-    assert 0 <= robust["top1_noise_0.05"] <= 100
+    noisy = classification_robustness(scorer, data, imgsz=32, batch=100, epsilons=(), sigma=0.3)
+    assert noisy["top1_noise_0.3"] < clean - 20
 
 
 def test_eval_robustness_flag_reports_perturbed_metrics(run_cli, dataset_copy, tmp_path):
@@ -107,7 +111,7 @@ def test_progressive_prune_cli(run_cli, tmp_path):
     missing = run_cli("prune", "cifar-resnet20", "--weights", weights, "--ratio", "0.3", "--strategy", "progressive", "--dry-run")
     assert missing.code == 2 and "--synthetic" in missing.stderr
     unknown = run_cli("prune", "cifar-resnet20", "--ratio", "0.3", "--strategy", "greedy")
-    assert unknown.code == 2 and "Unknown strategy" in unknown.stderr
+    assert unknown.code == 2 and "'greedy' is not one of" in unknown.stderr
     synthetic = tmp_path / "synth"
     assert run_cli("synthesize", "cifar-resnet20", "--weights", weights, "--out", synthetic, "--num-images", "8", "--batch", "8",
                    "--iterations", "2", "--low-res-iterations", "0", "-q").code == 0

@@ -11,13 +11,15 @@ import pytest
 import torch
 
 from dfbf_cli.adapters import load_model
-from dfbf_cli.engine.efficiency import count_params
-from dfbf_cli.engine.pruning import PruneSettings, prune
+from dfbf_cli.engine.efficiency import count_params, gflops
+from dfbf_cli.engine.pruning import FlopModel, plan_keep, prune
 from dfbf_cli.errors import DfbfError
+from dfbf_cli.settings import Allocation, PruneSettings, Scope
 from tests.conftest import shared_asset
 
 FAMILIES = [
     "yolov8n.yaml", "yolov8n-pose.yaml", "yolov8n-cls.yaml", "yolo11n.yaml", "yolo11n-pose.yaml", "yolo11n-cls.yaml",
+    "yolo11n-seg.yaml", "yolo11n-obb.yaml",
     "shared:yolo11n-pose.pt", "shared:yolo11n-person.pt",
     "torchvision:resnet18", "torchvision:resnet50", "torchvision:vgg16_bn", "torchvision:mobilenet_v2",
     "cifar-resnet20", "cifar-resnet56",
@@ -36,15 +38,16 @@ def _outputs(adapter, x):
     return [t for t in (out if isinstance(out, (tuple, list)) else [out]) if isinstance(t, torch.Tensor)]
 
 
+@pytest.mark.parametrize("scope", list(Scope))
 @pytest.mark.parametrize("spec", FAMILIES)
-def test_pruned_model_runs_keeps_head_and_shrinks(spec):
+def test_pruned_model_runs_keeps_head_and_shrinks(spec, scope):
     original = _load(spec)
-    pruned, outcomes = prune(original, PruneSettings(0.3))
+    pruned, outcomes = prune(original, PruneSettings(0.3, scope=scope))
     size = 64 if original.input_spec.imgsz > 64 else original.input_spec.imgsz
     x = torch.rand(2, 3, size, size)
     assert [t.shape for t in _outputs(pruned, x)] == [t.shape for t in _outputs(original, x)]
 
-    before, after = original.split(), pruned.split()
+    before, after = original.split(scope), pruned.split(scope)
     assert before.head_modules == after.head_modules
     for name, tensor in before.head.state_dict().items():
         assert torch.equal(tensor, after.head.state_dict()[name]), f"head tensor {name} changed"
@@ -92,6 +95,52 @@ def test_l1_keeps_the_largest_filters():
     torch.testing.assert_close(kept.sort().values, norms.sort().values[-8:])
 
 
+def test_trunk_scope_prunes_the_neck_too_and_saves_more():
+    original = load_model("yolo11n-pose.yaml")
+    backbone, trunk = (prune(original, PruneSettings(0.3, scope=scope))[0] for scope in Scope)
+    neck = [name for name, _ in original.model.named_modules() if name.startswith(("model.13.", "model.17.", "model.20."))]
+    assert not any(original.model.get_submodule(n).weight.shape != backbone.model.get_submodule(n).weight.shape
+                   for n in neck if hasattr(original.model.get_submodule(n), "weight"))
+    assert any(original.model.get_submodule(n).weight.shape != trunk.model.get_submodule(n).weight.shape
+               for n in neck if hasattr(original.model.get_submodule(n), "weight"))
+    x = torch.zeros(1, 3, 640, 640)
+    assert gflops(trunk.model, x) < gflops(backbone.model, x) - 0.4  # measured: 5.94 vs 6.55 of 7.47
+
+
+@pytest.mark.parametrize("spec", ["yolo11n-pose.yaml", "cifar-resnet20", "torchvision:mobilenet_v2"])
+def test_flop_model_agrees_with_torch_flop_counter(spec):
+    original = load_model(spec)
+    size = min(original.input_spec.imgsz, 128)
+    scope = Scope.TRUNK
+    groups = original.channel_groups(scope)
+    x = torch.zeros(1, 3, size, size)
+    flops = FlopModel(original.model, groups, x)
+    keep = {g.name: max(1, g.size - (index % 5) * g.size // 8) for index, g in enumerate(groups)}  # uneven, some untouched
+    pruned, _ = prune(original, PruneSettings(0.5, scope=scope), keep)
+    assert flops.gflops({}) == pytest.approx(gflops(original.model, x), rel=1e-9)
+    assert flops.gflops(keep) == pytest.approx(gflops(pruned.model, x), rel=1e-9)
+
+
+@pytest.mark.parametrize("allocation", list(Allocation))
+@pytest.mark.parametrize("target", [0.85, 0.7])
+def test_a_flops_target_is_met_within_one_rounding_step(allocation, target):
+    original = load_model("yolo11n-pose.yaml")
+    settings = PruneSettings(flops=target, scope=Scope.TRUNK, allocation=allocation)
+    probe = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    keep = plan_keep(original, settings, imgsz=128, probe=probe, device=torch.device("cpu"))
+    pruned, _ = prune(original, settings, keep)
+    x = torch.zeros(1, 3, 128, 128)
+    base, achieved = gflops(original.model, x), gflops(pruned.model, x)
+    groups = original.channel_groups(Scope.TRUNK)
+    flops = FlopModel(original.model, groups, x)
+    one_step_back = max(flops.gflops({**keep, name: count + 1}) for name, count in keep.items()
+                        if count < next(g.size for g in groups if g.name == name))
+    assert achieved <= target * base < one_step_back  # met, and one channel fewer removed would not meet it
+    if allocation == Allocation.SENSITIVITY:  # not a uniform ratio in disguise
+        ratios = {round(1 - keep[g.name] / g.size, 2) for g in groups}
+        assert len(ratios) > 2
+
+
 def test_rounding_and_layer_dependent_schedule():
     assert PruneSettings(0.3, round_to=8).keep_count(64) == 48  # 45 rounded to a multiple of 8
     assert PruneSettings(0.5, schedule="layer-dependent").keep_count(1024) == 1024 - math.floor(1024 * 0.65)
@@ -134,8 +183,13 @@ def test_dry_run_writes_nothing(run_cli, tmp_path, monkeypatch):
     ("args", "message"),
     [
         (["--ratio", "0"], "--ratio must be"), (["--ratio", "1"], "--ratio must be"), (["--ratio", "-0.2"], "--ratio must be"),
-        (["--ratio", "nan"], "--ratio must be"), (["--ratio", "0.3", "--criterion", "magic"], "Unknown criterion"),
-        (["--ratio", "0.3", "--schedule", "random"], "Unknown schedule"), (["--ratio", "0.3", "--out", "x.onnx"], "suffix"),
+        (["--ratio", "nan"], "--ratio must be"), (["--ratio", "0.3", "--criterion", "magic"], "'magic' is not one of"),
+        (["--ratio", "0.3", "--schedule", "random"], "'random' is not one of"), (["--ratio", "0.3", "--out", "x.onnx"], "suffix"),
+        ([], "Give --ratio"), (["--ratio", "0.3", "--flops", "0.7"], "one of them"),
+        (["--flops", "0"], "--flops must be"), (["--flops", "1"], "--flops must be"), (["--flops", "1.5"], "--flops must be"),
+        (["--flops", "-0.1"], "--flops must be"), (["--flops", "0.01"], "cannot be reached"),
+        (["--flops", "0.5", "--allocation", "sensitivity"], "--synthetic"),
+        (["--ratio", "0.3", "--allocation", "sensitivity"], "applies to a --flops target"),
     ],
 )
 def test_prune_user_mistakes_exit_2(run_cli, args, message):
@@ -147,4 +201,4 @@ def test_refuses_to_overwrite_the_input(run_cli, tmp_path):
     model = tmp_path / "r20.pth"
     torch.save(load_model("cifar-resnet20").model.state_dict(), model)
     result = run_cli("prune", "cifar-resnet20", "--weights", model, "--ratio", "0.3", "--out", model)
-    assert result.code == 2 and "input model itself" in result.stderr
+    assert result.code == 2 and "is --weights itself" in result.stderr

@@ -8,19 +8,21 @@ import json
 import pytest
 import torch
 
-from dfbf_cli.adapters import load_model
-from dfbf_cli.adapters.base import IMAGENET, BackboneSplit, InputSpec
-from dfbf_cli.engine.data import load_eval_data
-from dfbf_cli.engine.synthesis import SynthesisSettings, synthesize_batch
+from dfbf_cli.adapters import load_data, load_model
+from dfbf_cli.contract import IMAGENET, BackboneSplit, InputSpec
+from dfbf_cli.engine.synthesis import synthesize_batch
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
 from dfbf_cli.errors import DfbfError
-from tests.conftest import shared_asset
+from dfbf_cli.settings import SynthesisSettings
+from tests.conftest import random_cifar, shared_asset
 
 TINY = ["--iterations", "4", "--low-res-iterations", "2", "--device", "cpu", "-q"]
 
 
-def _cifar(depth: int = 20) -> list[str]:
-    return [f"cifar-resnet{depth}", "--weights", str(shared_asset(f"models/cifar10-resnet{depth}.th"))]
+@pytest.fixture
+def _cifar(generated):
+    """MODEL arguments of a random-weight CIFAR ResNet (the dataset mechanics need no trained model)."""
+    return lambda depth=20: random_cifar(generated, depth)
 
 
 @pytest.mark.parametrize(
@@ -33,7 +35,7 @@ def test_batchnorm_statistics_loss_falls_substantially(spec, weights, imgsz):
         spec = str(shared_asset(spec))
     adapter = load_model(spec, str(shared_asset(weights)) if weights else None)
     if weights is None and ":" in spec:  # random torchvision weights: BatchNorm statistics of real photos
-        photos = load_eval_data(shared_asset("data/photos"))
+        photos = load_data(shared_asset("data/photos"))
         for bn in (m for m in adapter.model.modules() if isinstance(m, torch.nn.BatchNorm2d)):
             bn.reset_running_stats()
             bn.momentum = None  # cumulative average
@@ -46,7 +48,7 @@ def test_batchnorm_statistics_loss_falls_substantially(spec, weights, imgsz):
     assert stats["bn_loss_end"] < 0.7 * stats["bn_loss_start"], stats
 
 
-def test_dataset_is_valid_with_balanced_labels_and_preview(run_cli, tmp_path):
+def test_dataset_is_valid_with_balanced_labels_and_preview(run_cli, tmp_path, _cifar):
     out = tmp_path / "synth"
     result = run_cli("synthesize", *_cifar(), "--out", out, "--num-images", "10", "--batch", "4", "--precision", "fp32", "--json", *TINY)
     assert result.code == 0, result.stderr
@@ -59,12 +61,12 @@ def test_dataset_is_valid_with_balanced_labels_and_preview(run_cli, tmp_path):
     assert labels.tolist() == list(range(10))  # balanced: one per class
     assert [s["count"] for s in dataset.manifest["shards"]] == [4, 4, 2]
     assert {s["precision"] for s in dataset.manifest["shards"]} == {"fp32"}  # as asked, whatever the CPU has
-    assert dataset.manifest["teacher"]["fingerprint"] == load_model(*_cifar()[:1], _cifar()[2]).fingerprint()
+    assert dataset.manifest["teacher"]["fingerprint"] == load_model(_cifar()[0], _cifar()[2]).fingerprint()
     assert (out / "preview.png").stat().st_size > 0
     assert not list(out.glob(".*partial*"))
 
 
-def test_interrupted_run_resumes_to_the_same_images(run_cli, tmp_path, monkeypatch):
+def test_interrupted_run_resumes_to_the_same_images(run_cli, tmp_path, monkeypatch, _cifar):
     reference = tmp_path / "reference"
     assert run_cli("synthesize", *_cifar(), "--out", reference, "--num-images", "6", "--batch", "2", *TINY).code == 0
 
@@ -90,7 +92,7 @@ def test_interrupted_run_resumes_to_the_same_images(run_cli, tmp_path, monkeypat
     torch.testing.assert_close(resumed.load()[0], SyntheticDataset.open(reference).load()[0], rtol=0, atol=0)
 
 
-def test_more_images_append_and_other_settings_are_refused(run_cli, tmp_path):
+def test_more_images_append_and_other_settings_are_refused(run_cli, tmp_path, _cifar):
     out = tmp_path / "synth"
     assert run_cli("synthesize", *_cifar(), "--out", out, "--num-images", "4", "--batch", "4", *TINY).code == 0
     first = SyntheticDataset.open(out).manifest["shards"][0]["sha256"]
@@ -104,17 +106,17 @@ def test_more_images_append_and_other_settings_are_refused(run_cli, tmp_path):
     assert wrong_teacher.code == 2 and "synthesised from cifar-resnet20" in wrong_teacher.stderr
 
 
-def test_reader_refuses_another_teacher_unless_overridden(run_cli, tmp_path):
+def test_reader_refuses_another_teacher_unless_overridden(run_cli, tmp_path, _cifar):
     out = tmp_path / "synth"
     assert run_cli("synthesize", *_cifar(), "--out", out, "--num-images", "2", "--batch", "2", *TINY).code == 0
     dataset = SyntheticDataset.open(out)
-    other = load_model(*_cifar(56)[:1], _cifar(56)[2]).fingerprint()
+    other = load_model(_cifar(56)[0], _cifar(56)[2]).fingerprint()
     with pytest.raises(DfbfError, match="allow-teacher-mismatch"):
         dataset.check_teacher(other, allow_mismatch=False)
     dataset.check_teacher(other, allow_mismatch=True)
 
 
-def test_corrupt_shard_is_named_clearly(run_cli, tmp_path):
+def test_corrupt_shard_is_named_clearly(run_cli, tmp_path, _cifar):
     out = tmp_path / "synth"
     assert run_cli("synthesize", *_cifar(), "--out", out, "--num-images", "4", "--batch", "2", *TINY).code == 0
     shard = out / "shard-00001.safetensors"
@@ -125,7 +127,7 @@ def test_corrupt_shard_is_named_clearly(run_cli, tmp_path):
         SyntheticDataset.open(out).load()
 
 
-def test_info_describes_a_dataset_as_json(run_cli, tmp_path):
+def test_info_describes_a_dataset_as_json(run_cli, tmp_path, _cifar):
     out = tmp_path / "synth"
     assert run_cli("synthesize", *_cifar(), "--out", out, "--num-images", "2", "--batch", "2", *TINY).code == 0
     report = json.loads(run_cli("synthesize", "--info", out, "--json").stdout)
@@ -136,7 +138,7 @@ def test_info_describes_a_dataset_as_json(run_cli, tmp_path):
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["synthesize", "cifar-resnet20", "--out", "{out}", "--preset", "huge"], "Unknown preset"),
+        (["synthesize", "cifar-resnet20", "--out", "{out}", "--preset", "huge"], "'huge' is not one of"),
         (["synthesize", "cifar-resnet20"], "--out"),
         (["synthesize", "--info", "{nowhere}"], "not a dfbf synthetic dataset"),
         (["synthesize", "cifar-resnet20", "--out", "{not_empty}"], "not a dfbf synthetic dataset"),

@@ -17,17 +17,29 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from dfbf_cli.adapters.base import IMAGENET, BackboneSplit, ModelAdapter
 from dfbf_cli.adapters.cifar_resnet import DEPTHS, CifarResNet
-from dfbf_cli.engine.data import EvalData, ImageFolder, LabelledImages
+from dfbf_cli.contract import (
+    IMAGENET,
+    BackboneSplit,
+    ChannelGroup,
+    EvalData,
+    ImageFolder,
+    LabelledImages,
+    Metric,
+    ModelAdapter,
+    channel_group,
+)
 from dfbf_cli.engine.files import atomic_path
-from dfbf_cli.engine.pruning import ChannelGroup, channel_group
 from dfbf_cli.engine.surgery import resize_to_state_dict
 from dfbf_cli.errors import DfbfError
+from dfbf_cli.settings import ExportFormat, Scope
 
 log = logging.getLogger("dfbf")
 
 ARCH_METADATA_KEY = "dfbf.arch"  # written into .safetensors so a saved model is self-describing
+ORIGIN_METADATA_KEY = "dfbf.original"  # the fingerprint of the model this one was pruned from
+TOP1 = Metric("top1", percent=True)
+WEIGHT_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".th")
 
 
 @dataclass(frozen=True)
@@ -92,13 +104,13 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def safetensors_arch(path: Path) -> str | None:
-    """The architecture a dfbf-saved .safetensors names in its metadata, if any."""
+def safetensors_metadata(path: Path) -> dict[str, str]:
+    """What a .safetensors records beside its tensors (dfbf writes the architecture and the original)."""
     try:
         with safe_open(str(path), framework="pt") as handle:
-            return (handle.metadata() or {}).get(ARCH_METADATA_KEY)
+            return handle.metadata() or {}
     except Exception:  # not a safetensors file: the caller reports what to do instead
-        return None
+        return {}
 
 
 def _build(arch: str, weights_enum: str | None) -> nn.Module:
@@ -119,8 +131,18 @@ def _build(arch: str, weights_enum: str | None) -> nn.Module:
         ) from error
 
 
+def _weights_enum(name: str, weights: str) -> str:
+    """A torchvision weights name this model knows (DEFAULT, IMAGENET1K_V1...), or a clear refusal."""
+    import torchvision
+
+    known = ["DEFAULT", *torchvision.models.get_model_weights(name).__members__]
+    if weights not in known:
+        raise DfbfError(f"--weights {weights} is neither a file nor a weights name of {name} (known: {', '.join(known)}).")
+    return weights
+
+
 def load_classifier(arch: str, weights: str | None) -> ClassifierAdapter:
-    """``arch`` is ``torchvision:NAME`` or ``cifar-resnetN``; ``weights`` a file or a torchvision enum name."""
+    """``arch`` is ``torchvision:NAME`` or ``cifar-resnetN``; ``weights`` a file or (torchvision) a weights name."""
     name = arch.removeprefix("torchvision:")
     if arch.startswith("cifar-resnet"):
         if arch.removeprefix("cifar-resnet") not in {str(d) for d in DEPTHS}:
@@ -130,7 +152,15 @@ def load_classifier(arch: str, weights: str | None) -> ClassifierAdapter:
 
         if name not in torchvision.models.list_models(module=torchvision.models) or layout_of(name) is None:
             raise DfbfError(f"Unsupported torchvision model '{name}'; supported: resnet*, vgg*, mobilenet_v2.")
-    weights_file = Path(weights).expanduser() if weights and ("/" in weights or "." in weights) else None
+    weights_file = None
+    if weights is not None:
+        candidate = Path(weights).expanduser()
+        if candidate.exists() or candidate.suffix in WEIGHT_FILE_SUFFIXES or "/" in weights:
+            weights_file = candidate
+        elif arch.startswith("cifar-resnet"):
+            raise DfbfError(f"--weights {weights} is not a file; {arch} takes a state_dict file (.th, .pth, .safetensors).")
+        else:
+            weights = _weights_enum(name, weights)
     model = _build(arch, None if weights_file else weights)
     if weights_file is not None:
         state = read_state_dict(weights_file)
@@ -149,18 +179,17 @@ def load_classifier(arch: str, weights: str | None) -> ClassifierAdapter:
         log.warning("%s has no --weights: randomly initialised (useful only for structural checks).", arch)
     imgsz = 32 if arch.startswith("cifar-resnet") else 224
     suffix = weights_file.suffix if weights_file and weights_file.suffix in {".pth", ".pt", ".th"} else ".safetensors"
-    return ClassifierAdapter(
-        model.eval(), task="classify", name=arch, source=weights_file, suffix=suffix,
-        input_spec=replace(IMAGENET, imgsz=imgsz),
-    )
+    adapter = ClassifierAdapter(model.eval(), task="classify", name=arch, source=weights_file, suffix=suffix, input_spec=replace(IMAGENET, imgsz=imgsz))
+    if weights_file is not None and weights_file.suffix == ".safetensors":
+        adapter.origin = safetensors_metadata(weights_file).get(ORIGIN_METADATA_KEY)
+    return adapter
 
 
 Scorer = Callable[[torch.Tensor], torch.Tensor]
 
 
-@torch.inference_mode()
-def classification_accuracy(scores: Scorer, data: LabelledImages, *, imgsz: int, batch: int, num_outputs: int) -> dict[str, float]:
-    """Top-1 / top-5 accuracy (percent) of ``scores`` (images in [0, 1] -> class scores)."""
+def check_classes(data: LabelledImages, num_outputs: int) -> None:
+    """Labels the model can predict (class folders only when they are exactly its classes)."""
     if data.num_classes > num_outputs:
         raise DfbfError(f"{data.source} has {data.num_classes} classes but the model predicts {num_outputs}.")
     if data.class_names and data.num_classes != num_outputs:
@@ -168,6 +197,19 @@ def classification_accuracy(scores: Scorer, data: LabelledImages, *, imgsz: int,
             f"{data.source} has {data.num_classes} class folders but the model predicts {num_outputs} classes; "
             "folder order cannot be matched to the model's classes."
         )
+
+
+def same_family(student: ModelAdapter, teacher: ModelAdapter):
+    """The teacher, checked to be of the student's family and task (its scorer is then known)."""
+    if (teacher.family, teacher.task) != (student.family, student.task) or not hasattr(teacher, "scorer"):
+        raise DfbfError(f"Teacher {teacher.describe()} does not match {student.describe()}: they must be the same family and task.")
+    return teacher
+
+
+@torch.inference_mode()
+def classification_accuracy(scores: Scorer, data: LabelledImages, *, imgsz: int, batch: int, num_outputs: int) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (percent) of ``scores`` (images in [0, 1] -> class scores)."""
+    check_classes(data, num_outputs)
     top1 = top5 = 0
     k = min(5, num_outputs)
     for images, labels in data.batches(imgsz, batch):
@@ -216,8 +258,10 @@ def top1_agreement(student: Scorer, teacher: Scorer, images: ImageFolder, *, img
 
 
 class ClassifierAdapter(ModelAdapter):
+    """torchvision and CIFAR classifiers: the backbone ends at global pooling, so backbone and trunk are one."""
+
     family = "classifier"
-    save_suffixes = (".safetensors", ".pth", ".pt", ".th")
+    save_suffixes = WEIGHT_FILE_SUFFIXES
 
     def __init__(self, model: nn.Module, *, suffix: str, **kwargs):
         super().__init__(model, **kwargs)
@@ -231,7 +275,7 @@ class ClassifierAdapter(ModelAdapter):
     def layout(self) -> Layout:
         return layout_of(self.name.removeprefix("torchvision:"))
 
-    def split(self) -> BackboneSplit:
+    def split(self, scope: Scope = Scope.BACKBONE) -> BackboneSplit:
         layout = self.layout
         backbone = [self.model.get_submodule(n) for n in layout.backbone]
         head_names = [n for n in layout.head if n not in {"flatten", "pool"}]
@@ -254,7 +298,7 @@ class ClassifierAdapter(ModelAdapter):
     def reload(self, path: Path) -> ClassifierAdapter:
         return load_classifier(self.name, str(path))
 
-    def channel_groups(self) -> list[ChannelGroup]:
+    def channel_groups(self, scope: Scope = Scope.BACKBONE) -> list[ChannelGroup]:
         """Block-internal channels of residual blocks (the residual stream keeps its width); for VGG,
         every conv output but the last (which the classifier reads)."""
         from torchvision.models.mobilenetv2 import InvertedResidual
@@ -289,10 +333,21 @@ class ClassifierAdapter(ModelAdapter):
         state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
         with atomic_path(path) as tmp:
             if path.suffix == ".safetensors":
-                save_file(state, str(tmp), metadata={ARCH_METADATA_KEY: self.name})
+                save_file(state, str(tmp), metadata={ARCH_METADATA_KEY: self.name} | ({ORIGIN_METADATA_KEY: self.lineage()} if self.lineage() else {}))
             else:
                 torch.save(state, tmp)
         return path
+
+    def export(self, folder: Path, fmt: ExportFormat, *, imgsz: int, calibration: torch.Tensor | None) -> Path:
+        from dfbf_cli.adapters.classifier_export import export_classifier
+
+        return export_classifier(self, folder, fmt, imgsz=imgsz, calibration=calibration)
+
+    def load_export(self, path: Path) -> ClassifierAdapter:
+        from dfbf_cli.adapters.classifier_export import ExportedClassifier
+        from dfbf_cli.engine.export import read_record
+
+        return ExportedClassifier(path, read_record(path))
 
     def num_outputs(self) -> int:
         last_linear = [m for m in self.model.modules() if isinstance(m, nn.Linear)][-1]
@@ -300,6 +355,12 @@ class ClassifierAdapter(ModelAdapter):
 
     def synthesis_classes(self) -> int | None:
         return self.num_outputs()
+
+    def primary_metric(self) -> Metric:
+        return TOP1
+
+    def check_data(self, data: EvalData) -> None:
+        check_classes(require_labelled(data, self.name), self.num_outputs())
 
     def scorer(self, device: torch.device) -> Scorer:
         model = self.model.to(device).eval()
@@ -309,7 +370,7 @@ class ClassifierAdapter(ModelAdapter):
         return classification_accuracy(self.scorer(device), require_labelled(data, self.name), imgsz=imgsz, batch=batch, num_outputs=self.num_outputs())
 
     def agreement(self, teacher: ModelAdapter, images: ImageFolder, *, imgsz: int, batch: int, device: torch.device) -> dict[str, float]:
-        return top1_agreement(self.scorer(device), teacher.scorer(device), images, imgsz=imgsz, batch=batch)
+        return top1_agreement(self.scorer(device), same_family(self, teacher).scorer(device), images, imgsz=imgsz, batch=batch)
 
     def robustness(self, data: EvalData, *, imgsz: int, batch: int, device: torch.device) -> dict[str, float]:
         return classification_robustness(self.scorer(device), require_labelled(data, self.name), imgsz=imgsz, batch=batch)

@@ -1,9 +1,14 @@
-"""Ultralytics YOLO models (v8, 11...) for detection, keypoint pose and classification.
+"""Ultralytics YOLO models (v8, 11...): detection, keypoint pose, instance segmentation, oriented boxes
+and classification.
 
 The model graph is Ultralytics' own: a list of layers, each reading the previous output or earlier
-saved outputs (``layer.f``). The backbone is the YAML's ``backbone`` section; the head (neck
-included) reads a few of its outputs. Scoring goes through Ultralytics' validators, so numbers
-match ``YOLO(path).val()``; saving writes a stock checkpoint that ``YOLO(path)`` loads without dfbf.
+saved outputs (``layer.f``), ending in one task module (Detect, Pose, Segment, OBB, Classify). The
+backbone is the YAML's ``backbone`` section; the trunk is every layer before the task module. What
+differs between tasks (metric keys, label lines, dataset checks) is a :class:`YoloTask`; everything
+else is one adapter. Scoring goes through Ultralytics' validators, so numbers match
+``YOLO(path).val()``; saving writes a stock checkpoint that ``YOLO(path)`` loads without dfbf.
+Checkpoints are read with Ultralytics' restricted loader (``weights_only`` plus an allow-list of its
+own classes): a file that needs anything else is refused unless the user trusts it explicitly.
 """
 
 from __future__ import annotations
@@ -11,33 +16,129 @@ from __future__ import annotations
 import copy
 import logging
 import os
+import sys
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 from torch import nn
 
 from dfbf_cli import __version__
-from dfbf_cli.adapters.base import BackboneSplit, InputSpec, ModelAdapter
 from dfbf_cli.adapters.classifier import (
     NOISE_SIGMA,
     Scorer,
     classification_accuracy,
     classification_robustness,
     require_labelled,
+    same_family,
     top1_agreement,
 )
-from dfbf_cli.engine.data import IMAGE_SUFFIXES, EvalData, ImageFolder, YoloDataset, read_image, temporary_folder
+from dfbf_cli.adapters.yolo_data import YoloDataset, noisy_copy, pseudo_labelled
+from dfbf_cli.contract import (
+    BackboneSplit,
+    ChannelGroup,
+    ChannelSlice,
+    EvalData,
+    ImageFolder,
+    InputSpec,
+    Metric,
+    ModelAdapter,
+    channel_group,
+)
+from dfbf_cli.engine.data import temporary_folder
 from dfbf_cli.engine.files import atomic_path
-from dfbf_cli.engine.pruning import ChannelGroup, ChannelSlice, channel_group
 from dfbf_cli.errors import DfbfError
+from dfbf_cli.settings import ExportFormat, Scope
 
 log = logging.getLogger("dfbf")
 
-SUPPORTED_TASKS = ("detect", "pose", "classify")
+TRUST_VARIABLE = "DFBF_TRUST_CHECKPOINTS"  # =1: unpickle YOLO checkpoints without restriction (they can run code)
 KEYPOINT_VISIBLE = 0.5  # teacher keypoint confidence above which a pseudo-label marks it visible
+
+
+class _CurrentStderr(logging.StreamHandler):
+    """A handler writing to whatever ``sys.stderr`` is when it writes (commands and tests swap it)."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, _value) -> None:
+        pass
+
+
+def ultralytics():
+    """Ultralytics, imported with its run-time pip installs switched off (dfbf names what to install
+    instead) and its log on stderr, as verbose as dfbf's own."""
+    os.environ["YOLO_AUTOINSTALL"] = "false"
+    import ultralytics as package
+    from ultralytics.utils import LOGGER, checks
+
+    checks.AUTOINSTALL = False
+    for index, handler in enumerate(LOGGER.handlers):
+        if type(handler) is logging.StreamHandler:
+            replacement = _CurrentStderr()
+            replacement.setFormatter(handler.formatter)
+            replacement.setLevel(handler.level)
+            LOGGER.handlers[index] = replacement
+    LOGGER.setLevel(logging.getLogger("dfbf").getEffectiveLevel())
+    return package
+
+
+# -- tasks --------------------------------------------------------------------------------------------
+
+
+def _box(result, k: int) -> list[float]:
+    return result.boxes.xywhn[k].tolist()
+
+
+def _pose(result, k: int) -> list[float]:
+    fields = _box(result, k)
+    for (x, y), c in zip(result.keypoints.xyn[k].tolist(), result.keypoints.conf[k].tolist()):
+        fields += [x, y, 2] if c > KEYPOINT_VISIBLE else [0, 0, 0]
+    return fields
+
+
+def _polygon(result, k: int) -> list[float]:
+    return [v for point in result.masks.xyn[k].tolist() for v in point]
+
+
+def _corners(result, k: int) -> list[float]:
+    return [v for point in result.obb.xyxyxyxyn[k].tolist() for v in point]
+
+
+@dataclass(frozen=True)
+class YoloTask:
+    """What one Ultralytics task changes: its metrics (primary first), its label lines, its checks."""
+
+    name: str
+    metrics: tuple[tuple[str, str], ...]  # (dfbf's name, Ultralytics' results key)
+    label_fields: Callable[[object, int], list[float]]  # a teacher's prediction k as label fields after the class
+    fields_ok: Callable[[int, list[int]], bool]  # does a label line with this many values fit (kpt_shape given)
+    fields_wanted: str
+
+    @property
+    def primary(self) -> Metric:
+        return Metric(self.metrics[0][0])
+
+
+BOX = (("box_map50_95", "metrics/mAP50-95(B)"), ("box_map50", "metrics/mAP50(B)"))
+TASKS = {
+    "detect": YoloTask("detect", BOX, _box, lambda n, _: n == 5, "4 box values"),
+    "pose": YoloTask("pose", (("pose_map50_95", "metrics/mAP50-95(P)"), ("pose_map50", "metrics/mAP50(P)"), *BOX), _pose,
+                     lambda n, kpt: n == 5 + kpt[0] * kpt[1], "4 box values and the keypoints of kpt_shape"),
+    "segment": YoloTask("segment", (("mask_map50_95", "metrics/mAP50-95(M)"), ("mask_map50", "metrics/mAP50(M)"), *BOX), _polygon,
+                        lambda n, _: n == 5 or (n >= 7 and n % 2 == 1), "a polygon (x y pairs) or 4 box values"),
+    "obb": YoloTask("obb", BOX, _corners, lambda n, _: n == 9, "4 corner points (8 values)"),
+}
+SUPPORTED_TASKS = (*TASKS, "classify")
+
+
+# -- the graph ------------------------------------------------------------------------------------------
 
 
 def _sources(layer: nn.Module) -> list[int]:
@@ -46,7 +147,7 @@ def _sources(layer: nn.Module) -> list[int]:
     return [layer.i + f if f < 0 else f for f in froms]
 
 
-def _run_layers(layers: nn.ModuleList, saved: dict[int, torch.Tensor]) -> torch.Tensor:
+def _run_layers(layers: list[nn.Module], saved: dict[int, torch.Tensor]) -> torch.Tensor:
     """Ultralytics' forward loop over a slice of layers; ``saved`` maps layer index to output (-1: input)."""
     for layer in layers:
         sources = _sources(layer)
@@ -62,7 +163,7 @@ class YoloBackbone(nn.Module):
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         saved = {-1: x}
-        _run_layers(self.layers, saved)
+        _run_layers(list(self.layers), saved)
         return tuple(saved[i] for i in self.outputs)
 
 
@@ -72,7 +173,7 @@ class YoloHead(nn.Module):
         self.layers, self.inputs = nn.ModuleList(layers), inputs
 
     def forward(self, features: tuple[torch.Tensor, ...]):
-        return _run_layers(self.layers, dict(zip(self.inputs, features)))
+        return _run_layers(list(self.layers), dict(zip(self.inputs, features)))
 
 
 def _plain_conv(module: nn.Module) -> bool:
@@ -83,19 +184,19 @@ def _plain_conv(module: nn.Module) -> bool:
 
 
 def _output_conv(layer: nn.Module) -> str | None:
-    """Relative name of the Conv that produces a backbone layer's output ('' for a Conv layer), if cuttable."""
-    from ultralytics.nn.modules import C3, SPPF, C2f
+    """Relative name of the Conv that produces a layer's output ('' for a Conv layer), if cuttable."""
+    from ultralytics.nn.modules import C2PSA, C3, SPPF, C2f
 
     if _plain_conv(layer):
         return ""
-    for kind, name in ((C2f, "cv2"), (C3, "cv3"), (SPPF, "cv2")):
+    for kind, name in ((C2f, "cv2"), (C3, "cv3"), (SPPF, "cv2"), (C2PSA, "cv2")):
         if isinstance(layer, kind) and not getattr(layer, "add", False) and _plain_conv(getattr(layer, name)):
             return name
     return None
 
 
 def _input_convs(layer: nn.Module) -> list[str]:
-    """Names (relative, ending in ``.conv``) of the convs that read a backbone layer's input; [] if not cuttable."""
+    """Names (relative, ending in ``.conv``) of the convs that read a layer's input; [] if not cuttable."""
     from ultralytics.nn.modules import C2PSA, C3, SPPF, C2f
 
     if _plain_conv(layer):
@@ -128,71 +229,90 @@ def _hidden_groups(prefix: str, layer: nn.Module) -> list[ChannelGroup]:
             pair = (module.cv1, f"{name}.cv1", [ChannelSlice(f"{name}.cv2.conv", k * width) for k in range(copies)], module.cv2)
         if pair and _plain_conv(pair[0]) and _plain_conv(pair[3]):
             producer, produced, consumers, _ = pair
-            groups.append(channel_group(produced, prefix, producer.conv.out_channels,
-                                        [f"{produced}.conv", f"{produced}.bn"], consumers))
+            groups.append(channel_group(produced, prefix, producer.conv.out_channels, [f"{produced}.conv", f"{produced}.bn"], consumers))
     return groups
 
 
-def _noisy_copy(data: YoloDataset, folder: Path, sigma: float, seed: int = 0) -> Path:
-    """The validation split with Gaussian noise (σ in [0, 1] pixel units) added, as PNGs, labels alongside."""
-    generator = np.random.default_rng(seed)
-    val = data.config["val"] if isinstance(data.config["val"], str) else data.config["val"][0]
-    source = Path(data.config["path"]) / val
-    images, labels = folder / "images" / "val", folder / "labels" / "val"
-    images.mkdir(parents=True)
-    labels.mkdir(parents=True)
-    for path in sorted(p for p in source.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
-        pixels = read_image(path).permute(1, 2, 0).numpy().astype(np.float32) / 255
-        noisy = np.clip(pixels + generator.normal(0, sigma, pixels.shape), 0, 1)
-        Image.fromarray((noisy * 255).round().astype(np.uint8)).save(images / f"{path.stem}.png")
-        label = Path(str(path.parent).replace(f"{os.sep}images", f"{os.sep}labels", 1)) / f"{path.stem}.txt"
-        if label.exists():
-            (labels / label.name).write_text(label.read_text())
-    return YoloDataset(folder / "noisy.yaml", {**data.config, "path": str(folder), "train": "images/val", "val": "images/val"}).resolved_yaml(folder)
+@torch.no_grad()
+def _output_widths(layers: list[nn.Module]) -> dict[int, int]:
+    """Channels of every layer's output before the task module, from one small forward pass."""
+    saved = {-1: torch.zeros(1, 3, 64, 64)}
+    _run_layers(layers[:-1], saved)
+    return {i: x.shape[1] for i, x in saved.items()}
+
+
+# -- loading ------------------------------------------------------------------------------------------
+
+
+def _checkpoint(spec: str, path: Path) -> dict:
+    """A checkpoint file (downloaded by name where online), unpickled with Ultralytics' restricted loader."""
+    ultralytics()
+    from ultralytics.nn.tasks import torch_safe_load
+
+    trusted = os.environ.get(TRUST_VARIABLE) == "1"
+    if path.is_file() and not zipfile.is_zipfile(path):
+        raise DfbfError(f"Cannot load '{spec}' as an Ultralytics YOLO model: it is not a PyTorch checkpoint archive (empty, truncated or another "
+            f"kind of file).")
+    try:
+        checkpoint, _ = torch_safe_load(str(path) if path.exists() else spec, safe_only=not trusted)
+    except TypeError as error:
+        if "outside the supported" in str(error):
+            raise DfbfError(f"'{spec}' holds objects outside Ultralytics' checkpoint format, and unpickling them could run code, so dfbf "
+                            f"refuses it; if you trust the file, run again with {TRUST_VARIABLE}=1.") from error
+        raise DfbfError(f"Cannot load '{spec}' as an Ultralytics YOLO model: {_first_line(error)}") from error
+    except (FileNotFoundError, ConnectionError) as error:
+        raise DfbfError(f"Model '{spec}' is not a local file and could not be downloaded ({_first_line(error)}); "
+                        "download it where you are online, or pass the path of a local checkpoint.") from error
+    except Exception as error:  # a corrupt or foreign file: the loader raises many types
+        raise DfbfError(f"Cannot load '{spec}' as an Ultralytics YOLO model: {_first_line(error)}") from error
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("ema") or checkpoint.get("model"), nn.Module):
+        raise DfbfError(f"'{spec}' is not an Ultralytics checkpoint (no model in it).")
+    return checkpoint
 
 
 def _task_of(model: nn.Module) -> str:
-    from ultralytics.nn.tasks import guess_model_task
+    """The task, from the task module itself (a checkpoint's recorded task can be stale)."""
+    from ultralytics.nn.modules import OBB, Classify, Detect, Pose, Segment
 
-    return guess_model_task(model)
+    head = model.model[-1]
+    for kind, task in ((Pose, "pose"), (Segment, "segment"), (OBB, "obb"), (Classify, "classify"), (Detect, "detect")):
+        if isinstance(head, kind):
+            return task
+    return type(head).__name__
+
+
+def _first_line(error: Exception) -> str:
+    return str(error).replace("ERROR ❌️", "").replace("❌", "").strip().splitlines()[0]
 
 
 def load_yolo(spec: str) -> YoloAdapter:
     """A checkpoint path, an Ultralytics model name (downloaded when online), or a model YAML."""
-    from ultralytics import YOLO
-
     path = Path(spec).expanduser()
-    is_yaml = path.suffix in {".yaml", ".yml"}
-    try:
-        yolo = YOLO(str(path) if path.exists() else spec)
-    except FileNotFoundError as error:
-        if is_yaml:
-            raise DfbfError(f"Model YAML '{spec}' does not exist (nor is it one of Ultralytics' built-in YAMLs).") from error
-        raise DfbfError(
-            f"Model '{spec}' is not a local file and could not be downloaded ({str(error).splitlines()[0]}); "
-            f"download it where you are online, or pass the path of a local checkpoint."
-        ) from error
-    except Exception as error:  # a corrupt or foreign file: Ultralytics raises many types
-        if not path.exists() and not is_yaml:
-            raise DfbfError(
-                f"Model '{spec}' is not a local file and could not be downloaded "
-                f"({str(error).splitlines()[0]}); pass the path of a local checkpoint."
-            ) from error
-        raise DfbfError(f"Cannot load '{spec}' as an Ultralytics YOLO model: {str(error).splitlines()[0]}") from error
-    model = yolo.model
-    task = _task_of(model)
+    if path.suffix in {".yaml", ".yml"}:
+        try:
+            model = ultralytics().YOLO(str(path) if path.exists() else spec).model
+        except Exception as error:  # a missing or malformed YAML
+            raise DfbfError(f"Cannot build a YOLO model from '{spec}' (a local YAML or one of Ultralytics' built-in YAMLs): "
+                            f"{_first_line(error)}") from error
+        log.warning("%s is a model YAML: randomly initialised (useful only for structural checks).", spec)
+        task, train_args, source = _task_of(model), {}, None
+    else:
+        checkpoint = _checkpoint(spec, path)
+        model = (checkpoint.get("ema") or checkpoint["model"]).float()
+        train_args = dict(checkpoint.get("train_args") or {})
+        task = _task_of(model)
+        source = path if path.exists() else None
     if task not in SUPPORTED_TASKS:
         raise DfbfError(f"'{spec}' is a YOLO {task} model; dfbf supports {', '.join(SUPPORTED_TASKS)}.")
-    if is_yaml:
-        log.warning("%s is a model YAML: randomly initialised (useful only for structural checks).", spec)
-    train_args = dict(getattr(model, "args", {}) or {})
-    imgsz = int(train_args["imgsz"]) if train_args.get("imgsz") and not is_yaml else 224 if task == "classify" else 640
-    for parameter in model.parameters():
-        parameter.requires_grad_(False)
-    return YoloAdapter(
-        model.eval(), task=task, name=Path(spec).name, input_spec=InputSpec(imgsz),
-        source=path if path.exists() and not is_yaml else None, train_args=train_args,
-    )
+    imgsz = int(train_args["imgsz"]) if isinstance(train_args.get("imgsz"), int) else 224 if task == "classify" else 640
+    model.requires_grad_(False)
+    stride = int(model.stride.max()) if hasattr(model, "stride") else 32
+    adapter = YoloAdapter(model.eval(), task=task, name=path.name, input_spec=InputSpec(imgsz, stride=stride), source=source, train_args=train_args)
+    adapter.origin = None if source is None else (checkpoint.get("dfbf") or {}).get("original")
+    return adapter
+
+
+# -- the adapter --------------------------------------------------------------------------------------
 
 
 class YoloAdapter(ModelAdapter):
@@ -205,11 +325,19 @@ class YoloAdapter(ModelAdapter):
         self.train_args = train_args
 
     @property
-    def backbone_length(self) -> int:
-        return len(self.model.yaml["backbone"])
+    def free_input_size(self) -> bool:  # a detector runs at any multiple of its stride; a classifier is left alone
+        return self.task != "classify"
 
-    def split(self) -> BackboneSplit:
-        layers, n = list(self.model.model), self.backbone_length
+    @property
+    def yolo_task(self) -> YoloTask:
+        return TASKS[self.task]
+
+    def _scope_end(self, scope: Scope) -> int:
+        """Index of the first layer left untouched: the neck for ``backbone``, the task module for ``trunk``."""
+        return len(self.model.yaml["backbone"]) if scope == Scope.BACKBONE else len(self.model.model) - 1
+
+    def split(self, scope: Scope = Scope.BACKBONE) -> BackboneSplit:
+        layers, n = list(self.model.model), self._scope_end(scope)
         head_inputs = sorted({j for layer in layers[n:] for j in _sources(layer) if j < n} | {n - 1})
         return BackboneSplit(
             backbone=YoloBackbone(layers[:n], tuple(head_inputs)),
@@ -218,40 +346,55 @@ class YoloAdapter(ModelAdapter):
             head_modules=[f"model.{i}" for i in range(n, len(layers))],
         )
 
-    def reload(self, path: Path) -> YoloAdapter:
-        return load_yolo(str(path))
-
-    def channel_groups(self) -> list[ChannelGroup]:
-        """Block-internal hidden channels, plus the interface between two backbone layers wherever the
-        first layer's output is read only by the next (never the tensors the neck/head reads)."""
-        n, layers = self.backbone_length, list(self.model.model)
-        head_inputs = set(self.split().backbone.outputs)
-        readers: dict[int, set[int]] = {}
+    def channel_groups(self, scope: Scope = Scope.BACKBONE) -> list[ChannelGroup]:
+        """Block-internal hidden channels, plus every layer output inside the scope whose readers can all
+        take fewer input channels (followed through Upsample and Concat, at the concatenation's offset);
+        never a tensor that the untouched part reads."""
+        layers, n = list(self.model.model), self._scope_end(scope)
+        widths = _output_widths(layers)
+        readers: dict[int, list[int]] = {}
         for layer in layers:
             for source in _sources(layer):
-                readers.setdefault(source, set()).add(layer.i)
+                readers.setdefault(source, []).append(layer.i)
+
+        def consumers(i: int, offset: int) -> list[ChannelSlice] | None:
+            found = []
+            for j in readers.get(i, []):
+                layer = layers[j]
+                if j >= n:
+                    return None
+                if isinstance(layer, nn.Upsample):
+                    more = consumers(j, offset)
+                elif type(layer).__name__ == "Concat":
+                    sources = _sources(layer)
+                    more = consumers(j, offset + sum(widths[s] for s in sources[: sources.index(i)]))
+                else:
+                    more = [ChannelSlice(f"model.{j}.{c}", offset) for c in _input_convs(layer)] or None
+                if more is None:
+                    return None
+                found += more
+            return found or None
+
         groups = []
         for i in range(n):
             groups += _hidden_groups(f"model.{i}", layers[i])
-            if i + 1 < n and i not in head_inputs and readers.get(i) == {i + 1}:
-                produced, consumers = _output_conv(layers[i]), _input_convs(layers[i + 1])
-                if produced is not None and consumers:
-                    name = f"model.{i}" + (f".{produced}" if produced else "")
-                    conv = self.model.get_submodule(f"{name}.conv")
-                    groups.append(channel_group(f"model.{i}→{i + 1}", f"model.{i}", conv.out_channels,
-                                                [f"{name}.conv", f"{name}.bn"], [f"model.{i + 1}.{c}" for c in consumers]))
+            produced = _output_conv(layers[i])
+            reading = consumers(i, 0) if produced is not None else None
+            if reading:
+                name = f"model.{i}" + (f".{produced}" if produced else "")
+                groups.append(channel_group(f"model.{i}.out", f"model.{i}", widths[i], [f"{name}.conv", f"{name}.bn"], reading))
         return groups
+
+    def reload(self, path: Path) -> YoloAdapter:
+        return load_yolo(str(path))
 
     def save(self, path: Path) -> Path:
         """A checkpoint in Ultralytics' own layout (fp16 model, train_args), loadable by stock ``YOLO(path)``."""
-        from ultralytics import __version__ as ultralytics_version
-
         model = copy.deepcopy(self.model).cpu().half()
-        for parameter in model.parameters():
-            parameter.requires_grad_(False)
+        model.requires_grad_(False)
         checkpoint = {
             "date": datetime.now().astimezone().isoformat(),
-            "version": ultralytics_version,
+            "version": ultralytics().__version__,
             "license": "AGPL-3.0 (https://ultralytics.com/license)",
             "docs": "https://docs.ultralytics.com",
             "epoch": -1,
@@ -261,17 +404,36 @@ class YoloAdapter(ModelAdapter):
             "updates": None,
             "optimizer": None,
             "train_args": {**self.train_args, "task": self.task},
-            "dfbf": {"version": __version__},
+            "dfbf": {"version": __version__, "original": self.lineage()},
         }
         with atomic_path(path) as tmp:
             torch.save(checkpoint, tmp)
         return path
 
-    def stock_yolo(self, folder: Path, role: str = "model"):
-        """This model as a stock ``ultralytics.YOLO`` (saved and reloaded, so it never aliases ``self.model``)."""
-        from ultralytics import YOLO
+    def export(self, folder: Path, fmt: ExportFormat, *, imgsz: int, calibration: torch.Tensor | None) -> Path:
+        """Through Ultralytics' own exporter, so the result is a stock export: ``YOLO(path)`` predicts and validates
+        with it. INT8 calibration reads the synthetic images as an unlabelled dataset (its loader needs no labels)."""
+        arguments = {"format": str(fmt), "imgsz": imgsz, "device": "cpu", "verbose": False}
+        if calibration is not None:
+            arguments |= {"quantize": 8, "data": str(self._calibration_dataset(folder / "calibration", calibration)), "fraction": 1.0, "batch": 1}
+        return Path(self._stock(folder).export(**arguments))
 
-        return YOLO(str(self.save(folder / f"{role}.pt")))
+    def load_export(self, path: Path) -> YoloAdapter:
+        return ExportedYolo(path)
+
+    def _calibration_dataset(self, folder: Path, images: torch.Tensor) -> Path:
+        from PIL import Image
+
+        pictures = folder / "images" / "calib"
+        pictures.mkdir(parents=True)
+        for index, image in enumerate(images):
+            Image.fromarray(image.permute(1, 2, 0).numpy()).save(pictures / f"synthetic-{index:05d}.png")
+        config = {"names": dict(self.model.names)} | ({"kpt_shape": list(self.model.kpt_shape)} if self.task == "pose" else {})
+        return pseudo_labelled(folder / "dataset", sorted(pictures.iterdir()), {}, config)
+
+    def _stock(self, folder: Path, role: str = "model"):
+        """This model as a stock ``ultralytics.YOLO`` (saved and reloaded, so it never aliases ``self.model``)."""
+        return ultralytics().YOLO(str(self.save(folder / f"{role}.pt")))
 
     def scorer(self, device: torch.device) -> Scorer:
         model = self.model.to(device).eval()
@@ -283,80 +445,98 @@ class YoloAdapter(ModelAdapter):
 
         return scores
 
-    def evaluate(self, data: EvalData, *, imgsz: int, batch: int, device: torch.device) -> dict[str, float]:
+    def primary_metric(self) -> Metric:
+        return Metric("top1", percent=True) if self.task == "classify" else self.yolo_task.primary
+
+    def check_data(self, data: EvalData) -> None:
         if self.task == "classify":
-            return classification_accuracy(self.scorer(device), require_labelled(data, self.name), imgsz=imgsz, batch=batch, num_outputs=len(self.model.names))
+            require_labelled(data, self.name)
+            return
         if not isinstance(data, YoloDataset):
             raise DfbfError(f"{self.name} is a YOLO {self.task} model: evaluate it on an Ultralytics dataset YAML.")
-        self._check_compatible(data)
+        model_nc, data_nc = len(self.model.names), len(data.names)
+        if model_nc != data_nc:
+            raise DfbfError(f"{self.name} predicts {model_nc} class(es) but {data.source} has {data_nc}; evaluate it on a dataset with the same classes.")
+        kpt_shape = list(getattr(self.model, "kpt_shape", []) or [])
+        if self.task == "pose" and list(data.config.get("kpt_shape") or []) != kpt_shape:
+            raise DfbfError(f"{self.name} predicts keypoints of shape {kpt_shape} but {data.source} has kpt_shape {data.config.get('kpt_shape')}.")
+        task = self.yolo_task
+        data.check(lambda n: task.fields_ok(n, kpt_shape), task.fields_wanted)
+
+    def evaluate(self, data: EvalData, *, imgsz: int, batch: int, device: torch.device) -> dict[str, float]:
+        self.check_data(data)
+        if self.task == "classify":
+            return classification_accuracy(self.scorer(device), data, imgsz=imgsz, batch=batch, num_outputs=len(self.model.names))
         with temporary_folder() as tmp:
             return self._validate(Path(tmp), data.resolved_yaml(Path(tmp)), imgsz=imgsz, batch=batch, device=device)
 
     def robustness(self, data: EvalData, *, imgsz: int, batch: int, device: torch.device) -> dict[str, float]:
-        """Classify: FGSM and noise as for any classifier. Detect/pose: the metric on a copy of the validation
-        images with Gaussian noise added (FGSM on the detection loss is not implemented)."""
+        """Classify: FGSM and noise as for any classifier. Other tasks: the metrics on a copy of the
+        validation images with Gaussian noise added (FGSM on a detection loss is not implemented)."""
+        self.check_data(data)
         if self.task == "classify":
-            return classification_robustness(self.scorer(device), require_labelled(data, self.name), imgsz=imgsz, batch=batch)
-        if not isinstance(data, YoloDataset):
-            raise DfbfError(f"--robustness for a YOLO {self.task} model needs an Ultralytics dataset YAML.")
-        self._check_compatible(data)
+            return classification_robustness(self.scorer(device), data, imgsz=imgsz, batch=batch)
         with temporary_folder() as tmp:
-            noisy = _noisy_copy(data, Path(tmp), NOISE_SIGMA)
-            metrics = self._validate(Path(tmp), noisy, imgsz=imgsz, batch=batch, device=device)
+            metrics = self._validate(Path(tmp), noisy_copy(data, Path(tmp), NOISE_SIGMA), imgsz=imgsz, batch=batch, device=device)
         return {f"{name}_noise_{NOISE_SIGMA:g}": value for name, value in metrics.items()}
 
-    def _check_compatible(self, data: YoloDataset) -> None:
-        model_nc, data_nc = len(self.model.names), len(data.names)
-        if model_nc != data_nc:
-            raise DfbfError(
-                f"{self.name} predicts {model_nc} class(es) but {data.yaml_path} has {data_nc}; "
-                "evaluate it on a dataset with the same classes."
-            )
-        if self.task == "pose" and list(data.config.get("kpt_shape") or []) != list(self.model.kpt_shape):
-            raise DfbfError(
-                f"{self.name} predicts keypoints of shape {list(self.model.kpt_shape)} but {data.yaml_path} "
-                f"has kpt_shape {data.config.get('kpt_shape')}."
-            )
-
     def _validate(self, folder: Path, data_yaml: Path, *, imgsz: int, batch: int, device: torch.device) -> dict[str, float]:
-        results = self.stock_yolo(folder).val(
+        results = self._stock(folder).val(
             data=str(data_yaml), imgsz=imgsz, batch=batch, device=str(device), plots=False,
             verbose=False, save_json=False, project=str(folder), name="val", workers=0,
         )
-        metrics = results.results_dict
-        out = {"box_map50_95": metrics["metrics/mAP50-95(B)"], "box_map50": metrics["metrics/mAP50(B)"]}
-        if self.task == "pose":
-            out = {"pose_map50_95": metrics["metrics/mAP50-95(P)"], "pose_map50": metrics["metrics/mAP50(P)"], **out}
-        return out
+        return {name: float(results.results_dict[key]) for name, key in self.yolo_task.metrics}
 
     def agreement(self, teacher: ModelAdapter, images: ImageFolder, *, imgsz: int, batch: int, device: torch.device) -> dict[str, float]:
-        """Classifiers: top-1 agreement. Detect/pose: mAP against the teacher's own predictions."""
+        """Classify: top-1 agreement. Other tasks: the metrics against the teacher's own predictions."""
+        teacher = same_family(self, teacher)
         if self.task == "classify":
             return top1_agreement(self.scorer(device), teacher.scorer(device), images, imgsz=imgsz, batch=batch)
         with temporary_folder() as tmp:
-            data_yaml = self._teacher_pseudo_labels(teacher, images, Path(tmp), imgsz=imgsz, device=device)
+            task, labels = self.yolo_task, {}
+            for result in teacher._stock(Path(tmp), "teacher").predict([str(p) for p in images.files], imgsz=imgsz, device=str(device),
+                                                                       verbose=False, stream=True):
+                classes = (result.obb if task.name == "obb" else result.boxes).cls.tolist()
+                labels[Path(result.path).stem] = [f"{int(c)} " + " ".join(f"{v:.6g}" for v in task.label_fields(result, k))
+                                                  for k, c in enumerate(classes)]
+            config = {"names": dict(self.model.names)}
+            if self.task == "pose":
+                config["kpt_shape"] = list(self.model.kpt_shape)
+            data_yaml = pseudo_labelled(Path(tmp), list(images.files), labels, config)
             metrics = self._validate(Path(tmp), data_yaml, imgsz=imgsz, batch=batch, device=device)
         return {f"agreement_{k}": v for k, v in metrics.items()}
 
-    def _teacher_pseudo_labels(self, teacher: ModelAdapter, images: ImageFolder, folder: Path, *, imgsz: int, device: torch.device) -> Path:
-        """A YOLO dataset whose labels are the teacher's predictions on ``images``."""
-        image_dir, label_dir = folder / "images" / "val", folder / "labels" / "val"
-        image_dir.mkdir(parents=True)
-        label_dir.mkdir(parents=True)
-        predictor = teacher.stock_yolo(folder, "teacher")
-        for path in images.files:
-            (image_dir / path.name).symlink_to(path.resolve())
-        for result in predictor.predict([str(p) for p in images.files], imgsz=imgsz, device=str(device), verbose=False, stream=True):
-            lines = []
-            for k, (cls, box) in enumerate(zip(result.boxes.cls.tolist(), result.boxes.xywhn.tolist())):
-                fields = [int(cls), *box]
-                if self.task == "pose":
-                    xy, conf = result.keypoints.xyn[k].tolist(), result.keypoints.conf[k].tolist()
-                    for (x, y), c in zip(xy, conf):
-                        fields += [x, y, 2] if c > KEYPOINT_VISIBLE else [0, 0, 0]
-                lines.append(" ".join(f"{v:.6g}" if isinstance(v, float) else str(v) for v in fields))
-            (label_dir / f"{Path(result.path).stem}.txt").write_text("\n".join(lines))
-        config = {"path": str(folder), "train": "images/val", "val": "images/val", "names": dict(self.model.names)}
-        if self.task == "pose":
-            config["kpt_shape"] = list(self.model.kpt_shape)
-        return YoloDataset(folder / "agreement.yaml", config).resolved_yaml(folder)
+
+class ExportedYolo(YoloAdapter):
+    """A YOLO model exported to an inference runtime (OpenVINO, ONNX): scored and timed through Ultralytics'
+    AutoBackend, never pruned or trained."""
+
+    def __init__(self, path: Path):
+        from ultralytics.nn.autobackend import AutoBackend
+
+        ultralytics()
+        try:
+            backend = AutoBackend(str(path), device=torch.device("cpu"), verbose=False)
+        except Exception as error:  # a broken or foreign export
+            raise DfbfError(f"Cannot load '{path}' as an exported YOLO model: {_first_line(error)}") from error
+        imgsz = backend.imgsz[0] if isinstance(getattr(backend, "imgsz", None), (list, tuple)) else 640
+        super().__init__(backend, task=backend.task, name=path.name, input_spec=InputSpec(imgsz, stride=int(backend.stride)),
+                         source=path, train_args={"imgsz": imgsz})
+        from dfbf_cli.engine.export import read_record
+
+        self.record = read_record(path)
+
+    def static_cost(self) -> tuple[int, int, float] | None:
+        source = (self.record or {}).get("source", {})
+        return source.get("params", 0), source.get("backbone_params", 0), source.get("gflops", float("nan"))
+
+    def _refuse(self, *_args, **_kwargs):
+        raise DfbfError(f"{self.name} is an exported model: it can be evaluated, not pruned, fine-tuned or exported again.")
+
+    split = channel_groups = save = export = reload = _refuse
+
+    def fingerprint(self) -> str:
+        return f"exported:{self.name}"
+
+    def _stock(self, folder: Path, role: str = "model"):
+        return ultralytics().YOLO(str(self.source), task=self.task)

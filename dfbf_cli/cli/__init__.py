@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from dfbf_cli import __version__
 from dfbf_cli.errors import EXIT_INTERNAL, DfbfError
@@ -15,7 +16,9 @@ from dfbf_cli.errors import EXIT_INTERNAL, DfbfError
 app = typer.Typer(
     name="dfbf",
     help="Compress trained vision models without their training data.\n\n"
-    "Exit codes: 0 success, 1 a quality gate failed, 2 bad usage or input, 3 internal error, 130 interrupted.",
+    "Exit codes: 0 success, 1 a quality gate failed, 2 bad usage or input, 3 internal error, 130 interrupted.\n\n"
+    "YOLO checkpoints are read with Ultralytics' restricted loader (no code runs from a file); "
+    "DFBF_TRUST_CHECKPOINTS=1 loads one it refuses, for files you trust.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
@@ -36,13 +39,14 @@ def root(
     """Compress trained vision models without their training data."""
 
 
-from dfbf_cli.cli import compress, evaluate, finetune, prune, synthesize  # noqa: E402
+from dfbf_cli.cli import compress, evaluate, export, finetune, prune, synthesize  # noqa: E402
 
 app.command("compress")(compress.compress_command)
 app.command("synthesize")(synthesize.synthesize_command)
 app.command("prune")(prune.prune_command)
 app.command("finetune")(finetune.finetune_command)
 app.command("eval")(evaluate.eval_command)
+app.command("export")(export.export_command)
 
 
 def main() -> None:
@@ -52,7 +56,7 @@ def main() -> None:
     try:
         app()
     except DfbfError as error:
-        errors.print(f"[bold red]Error:[/] {error}", highlight=False, soft_wrap=True)
+        errors.print(f"[bold red]Error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         sys.exit(error.exit_code)
     except Exception:
         traceback.print_exc()

@@ -1,39 +1,62 @@
-"""What every command shares: its options, its output channels and its exit codes.
+"""What every command shares: its options, its output channels, its progress display.
 
-Human output (tables, progress, warnings) goes to stderr when ``--json`` is given, so stdout
-carries only the JSON document; without ``--json`` tables go to stdout.
+Everything a command prints for people (tables, progress, messages) goes to stderr, and so does
+anything a library prints to stdout; stdout carries only the result: the table, or with ``--json``
+the JSON document alone. Heavy libraries are imported inside the commands, never here: ``dfbf
+--help`` loads this module and nothing of torch.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
-from typing import Annotated, Any
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
 
-import torch
 import typer
 from rich.console import Console
 from rich.logging import RichHandler
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from dfbf_cli import __version__
-from dfbf_cli.engine.runtime import resolve_device, seed_everything
+from dfbf_cli.engine.progress import ProgressEvent
+from dfbf_cli.errors import DfbfError
+from dfbf_cli.settings import MAX_SEED, Allocation, Criterion, Precision, PresetName, Schedule, Scope, Strategy
 
+if TYPE_CHECKING:
+    import torch
+
+TRUST_NOTE = "YOLO checkpoints are read with Ultralytics' restricted loader; set DFBF_TRUST_CHECKPOINTS=1 to load one it refuses."
 DeviceOption = Annotated[str, typer.Option("--device", help="Where to compute: auto (CUDA when present), cpu, cuda or cuda:N.")]
-PrecisionOption = Annotated[str, typer.Option("--precision", help="Arithmetic of synthesis and fine-tuning: auto (bf16 where the GPU or CPU computes it natively, else fp32), bf16 or fp32.")]
-SeedOption = Annotated[int, typer.Option("--seed", help="Random seed: the same seed gives the same result.")]
+PrecisionOption = Annotated[Precision, typer.Option("--precision", help="Arithmetic of synthesis and fine-tuning: auto (bf16 where the GPU or CPU "
+    "computes it natively, else fp32), bf16 or fp32.")]
+SeedOption = Annotated[int, typer.Option("--seed", min=0, max=MAX_SEED, help="Random seed: the same seed gives the same result.")]
 QuietOption = Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings, errors and the final result.")]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print the result as JSON on stdout (human output goes to stderr).")]
-WeightsOption = Annotated[
-    str | None,
-    typer.Option("--weights", help="For torchvision:NAME / cifar-resnetN: a state_dict file (.pth, .th, .safetensors) or a torchvision weights name (DEFAULT, IMAGENET1K_V1...)."),
-]
-
+WeightsOption = Annotated[str | None, typer.Option("--weights", help="For torchvision:NAME / cifar-resnetN: a state_dict file (.pth, .th, "
+    ".safetensors) or a torchvision weights name (DEFAULT, IMAGENET1K_V1...).")]
 TeacherWeightsOption = Annotated[str | None, typer.Option("--teacher-weights", help="Weights for a torchvision / CIFAR --teacher (as --weights).")]
+PresetOption = Annotated[PresetName, typer.Option("--preset", help="Budget: quick (minutes), balanced (the default), paper (the reference settings: slow).")]
+RatioOption = Annotated[float | None, typer.Option("--ratio", help="Fraction of each prunable group's channels to remove, 0 < R < 1 (the same "
+    "everywhere).", show_default=False)]
+FlopsOption = Annotated[float | None, typer.Option("--flops", help="Instead of --ratio: the GFLOPs to keep, as a fraction of the original's (0.7 = "
+    "30 % fewer), shared among the groups by --allocation.", show_default=False)]
+ScopeOption = Annotated[Scope, typer.Option("--scope", help="What may be pruned: backbone (DFBF's rule) or trunk (every layer before the task "
+    "module; the neck too, for YOLO). The task module always stays bit-identical.")]
+AllocationOption = Annotated[Allocation, typer.Option("--allocation", help="How a --flops target is shared: uniform (one ratio, solved) or "
+    "sensitivity (groups measured one by one on --synthetic images; the cheapest go first).")]
+CriterionOption = Annotated[Criterion, typer.Option("--criterion", help="Channel importance: l1 (filter L1 norm) or bn (BatchNorm |gamma|).")]
+ScheduleOption = Annotated[Schedule, typer.Option("--schedule", help="With --ratio: uniform (same ratio everywhere) or layer-dependent (DFBF's "
+    "rule: more in wide layers).")]
+StrategyOption = Annotated[Strategy, typer.Option("--strategy", help="oneshot (all at once by --criterion) or progressive (Paoding-style: small "
+    "steps, channels merged into their most similar survivor, scored on synthetic images).")]
+MODEL_HELP = f"A YOLO .pt/.yaml, torchvision:NAME, cifar-resnetN or a dfbf .safetensors. {TRUST_NOTE}"
+
+
+def _format(value: object) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
 @dataclass
@@ -41,65 +64,77 @@ class Session:
     """A running command: where to compute, where to print, how to report the result."""
 
     device: torch.device
-    console: Console
     quiet: bool
     json_mode: bool
-    _stdout: Any
+    results: Console  # the result table: stdout, or stderr with --json
+    messages: Console = field(default_factory=lambda: Console(stderr=True))
+    _stdout: Any = None
 
-    def progress(self) -> Progress:
-        """A rich progress bar on stderr (hidden with --quiet)."""
-        return Progress(
-            TextColumn("[bold]{task.description}"), BarColumn(bar_width=16), TextColumn("{task.fields[status]}"),
-            TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=Console(stderr=True), disable=self.quiet, transient=False,
-        )
+    def say(self, text: str) -> None:
+        """A line for people (stderr), unless --quiet."""
+        if not self.quiet:
+            self.messages.print(text, highlight=False, soft_wrap=True, markup=False)
+
+    @contextlib.contextmanager
+    def progress(self) -> Iterator[Callable[[ProgressEvent], None]]:
+        """A progress callback drawing one rich bar per stage on stderr (nothing with --quiet)."""
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        bars = Progress(TextColumn("[bold]{task.description}"), BarColumn(bar_width=16), TextColumn("{task.fields[status]}"),
+                        TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(), console=self.messages, disable=self.quiet)
+        tasks: dict[str, Any] = {}
+
+        def show(event: ProgressEvent) -> None:
+            if event.stage not in tasks:
+                tasks[event.stage] = bars.add_task(event.stage, total=event.total, status="")
+            status = " · ".join(f"{key} {_format(value)}" for key, value in event.status.items())
+            bars.update(tasks[event.stage], completed=event.done, total=event.total, status=status)
+
+        with bars:
+            yield show
 
     def emit(self, result: dict) -> None:
-        """Write the machine-readable result (with --json) to the real stdout."""
+        """Write the machine-readable result (with --json) to the real stdout, as strict JSON."""
         if self.json_mode:
-            self._stdout.write(json.dumps({"dfbf_version": __version__, **result}, indent=2, default=str) + "\n")
+            from dfbf_cli.engine.files import strict_json
+
+            self._stdout.write(strict_json({"dfbf_version": __version__, **result}) + "\n")
             self._stdout.flush()
 
 
-class CurrentStderrHandler(logging.StreamHandler):
-    """A stream handler bound to whatever ``sys.stderr`` is when it writes (tests swap it)."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _value) -> None:
-        pass
-
-
-def _route_library_logs(quiet: bool) -> None:
-    """dfbf's own log records through rich on stderr; Ultralytics' logger onto stderr too, so that
-    stdout holds only results (tables, or the JSON document)."""
+def _route_logs(quiet: bool) -> None:
+    """dfbf's log records through rich on stderr, at the command's verbosity (Ultralytics follows it)."""
     handler = RichHandler(console=Console(stderr=True), show_time=False, show_path=False, markup=False)
     dfbf_log = logging.getLogger("dfbf")
     dfbf_log.handlers[:] = [handler]
     dfbf_log.setLevel(logging.WARNING if quiet else logging.INFO)
     dfbf_log.propagate = False
-    from ultralytics.utils import LOGGER as ultralytics_log  # configures its handler on import: import first
-
-    for index, existing in enumerate(ultralytics_log.handlers):
-        if type(existing) is logging.StreamHandler:
-            replacement = CurrentStderrHandler()
-            replacement.setFormatter(existing.formatter)
-            replacement.setLevel(existing.level)
-            ultralytics_log.handlers[index] = replacement
-    ultralytics_log.setLevel(logging.WARNING if quiet else logging.INFO)
 
 
 @contextlib.contextmanager
 def session(*, device: str, seed: int, quiet: bool, json_mode: bool) -> Iterator[Session]:
-    """Set up a command's conventions; with --json, anything printed to stdout is moved to stderr."""
+    """Set up a command's conventions: logs and library output on stderr, the result on stdout."""
+    from dfbf_cli.engine.runtime import resolve_device, seed_everything
+
     real_stdout = sys.stdout
-    _route_library_logs(quiet)
+    _route_logs(quiet)
     seed_everything(seed)
-    ctx = Session(resolve_device(device), Console(stderr=json_mode), quiet, json_mode, real_stdout)
-    if json_mode:
-        with contextlib.redirect_stdout(sys.stderr):
-            yield ctx
-    else:
+    ctx = Session(resolve_device(device), quiet, json_mode, Console(stderr=True) if json_mode else Console(file=real_stdout), _stdout=real_stdout)
+    with contextlib.redirect_stdout(sys.stderr):
         yield ctx
+
+
+def refuse_unused(**given: tuple[bool, str]) -> None:
+    """One sentence for an option that the chosen mode would silently ignore: ``name=(given, why)``."""
+    for name, (was_given, why) in given.items():
+        if was_given:
+            raise DfbfError(f"--{name.replace('_', '-')} {why}")
+
+
+def input_paths(**paths: str | Path | None) -> dict[str, Path | None]:
+    """The command's inputs that are files or folders (for the output-path policy), by option name."""
+    found = {}
+    for name, value in paths.items():
+        if value is not None and Path(value).expanduser().exists():
+            found["MODEL" if name == "model" else "--" + name.replace("_", "-")] = Path(value)
+    return found

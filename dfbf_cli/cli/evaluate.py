@@ -1,84 +1,95 @@
-"""``dfbf eval``: how good, how big and how fast one or more models are."""
+"""``dfbf eval``: how good, how big and how fast one or more models are, beside the free alternative."""
 
 from __future__ import annotations
 
 from typing import Annotated
 
 import typer
-from rich.table import Table
 
-from dfbf_cli.adapters import load_model
-from dfbf_cli.cli.common import DeviceOption, JsonOption, QuietOption, SeedOption, TeacherWeightsOption, WeightsOption, session
-from dfbf_cli.engine.data import load_eval_data
-from dfbf_cli.engine.evaluate import ModelReport, evaluate_models
+from dfbf_cli.cli.common import (
+    MODEL_HELP,
+    DeviceOption,
+    JsonOption,
+    QuietOption,
+    SeedOption,
+    TeacherWeightsOption,
+    WeightsOption,
+    refuse_unused,
+    session,
+)
 from dfbf_cli.errors import DfbfError
-
-EFFICIENCY_ROWS = [
-    ("params (M)", lambda e: f"{e.params / 1e6:.3f}"),
-    ("backbone params (M)", lambda e: f"{e.backbone_params / 1e6:.3f}"),
-    ("GFLOPs", lambda e: f"{e.gflops:.2f}"),
-    ("CPU latency (ms)", lambda e: f"{e.latency_cpu_ms:.1f}"),
-    ("device latency (ms)", lambda e: "-" if e.latency_device_ms is None else f"{e.latency_device_ms:.2f}"),
-    ("file (MB)", lambda e: f"{e.file_mb:.2f}"),
-]
-
-
-def report_table(reports: list[ModelReport], title: str) -> Table:
-    """One column per model, one row per quantity: every metric any model has, then efficiency."""
-    table = Table(title=title, title_justify="left")
-    table.add_column("")
-    for report in reports:
-        table.add_column(f"{report.name}\n({report.task})", justify="right")
-    for name in dict.fromkeys(name for report in reports for name in report.metrics):
-        table.add_row(name, *[_format_metric(name, report.metrics.get(name)) for report in reports])
-    table.add_section()
-    for label, fmt in EFFICIENCY_ROWS:
-        table.add_row(label, *[fmt(report.efficiency) for report in reports])
-    return table
-
-
-def _format_metric(name: str, value: float | None) -> str:
-    if value is None:
-        return "-"
-    return f"{value:.2f}" if name.startswith(("top", "agreement_top")) else f"{value:.4f}"
+from dfbf_cli.settings import EVAL_BATCH
 
 
 def eval_command(
-    models: Annotated[list[str], typer.Argument(help="Models to evaluate: a YOLO .pt/.yaml, torchvision:NAME, cifar-resnetN, or a dfbf .safetensors.", show_default=False)],
-    data: Annotated[str, typer.Option("--data", help="Labelled data (Ultralytics dataset YAML, .npz with x/y, class-per-folder tree) or a folder of unlabelled images (with --teacher).", show_default=False)],
+    models: Annotated[list[str], typer.Argument(help=f"Models to evaluate; with several, the first is the original. {MODEL_HELP}", show_default=False)],
+    data: Annotated[str, typer.Option("--data", help="Labelled data (Ultralytics dataset YAML, .npz with x/y, class-per-folder tree) or a folder of "
+        "unlabelled images (with --teacher).", show_default=False)],
     teacher: Annotated[str | None, typer.Option("--teacher", help="Measure agreement with this model on the unlabelled images in --data.")] = None,
     weights: WeightsOption = None,
     teacher_weights: TeacherWeightsOption = None,
     imgsz: Annotated[int | None, typer.Option("--imgsz", min=8, help="Evaluation image size \\[default: the model's own].")] = None,
-    batch: Annotated[int, typer.Option("--batch", min=1, help="Images per batch.")] = 16,
+    batch: Annotated[int, typer.Option("--batch", min=1, help="Images per batch.")] = EVAL_BATCH,
     latency_runs: Annotated[int, typer.Option("--latency-runs", min=1, help="Timed forward passes per latency figure (median reported).")] = 10,
-    robustness: Annotated[bool, typer.Option("--robustness", help="Also the metric under FGSM (ε 0.01, 0.05; classifiers) and Gaussian noise (σ 0.05).")] = False,
+    robustness: Annotated[bool, typer.Option("--robustness", help="Also the metric under FGSM (ε 0.01, 0.05; classifiers) and Gaussian noise (σ "
+        "0.05).")] = False,
+    baseline: Annotated[bool, typer.Option("--baseline/--no-baseline", help="With labelled data and a model that runs at any input size (YOLO): "
+        "also score the first model at the input size where it costs what each later, cheaper one costs (the free alternative).")] = True,
     device: DeviceOption = "auto",
     seed: SeedOption = 0,
     quiet: QuietOption = False,
     json_output: JsonOption = False,
 ) -> None:
-    """Report task metric, parameters, GFLOPs, latency and file size, one table row per model.
+    """Report task metric, parameters, GFLOPs, latency and file size, one column per model.
 
     Examples:
 
-      dfbf eval yolo11n-pose.pt --data coco8-pose/data.yaml
+      dfbf eval yolo11n-pose.pt compressed.pt --data coco8-pose/data.yaml
 
       dfbf eval cifar-resnet56 --weights resnet56.th --data cifar10-test.npz
 
       dfbf eval small.pt --teacher big.pt --data photos/
     """
     with session(device=device, seed=seed, quiet=quiet, json_mode=json_output) as ctx:
+        from dfbf_cli.adapters import load_data, load_model
+        from dfbf_cli.cli.tables import report_table
+        from dfbf_cli.contract import ImageFolder
+        from dfbf_cli.engine.efficiency import check_imgsz, example_input, gflops
+        from dfbf_cli.engine.evaluate import Candidate, Verdict, check_evaluation, equal_cost_imgsz, evaluate_models, watched_metric
+
         if weights and len(models) > 1:
             raise DfbfError("--weights applies to a single MODEL; evaluate models with different weights one by one.")
-        eval_data = load_eval_data(data)
+        refuse_unused(teacher_weights=(teacher_weights is not None and teacher is None, "applies to a --teacher."))
+        eval_data = load_data(data)
+        refuse_unused(robustness=(robustness and isinstance(eval_data, ImageFolder), "needs labelled --data (unlabelled photos measure agreement only)."))
         teacher_model = load_model(teacher, teacher_weights) if teacher else None
         adapters = [load_model(spec, weights) for spec in models]
         if len({a.input_spec.imgsz for a in adapters}) > 1 and imgsz is None:
             raise DfbfError("These models have different input sizes; pass --imgsz to compare them at one size.")
-        if not quiet:
-            ctx.console.print(f"Evaluating {', '.join(a.describe() for a in adapters)} on {data} ({ctx.device}) ...", highlight=False)
-        reports = evaluate_models(adapters, eval_data, teacher=teacher_model, imgsz=imgsz, batch=batch,
-                                  device=ctx.device, latency_runs=latency_runs, robustness=robustness)
-        ctx.console.print(report_table(reports, f"dfbf eval · {data}"))
-        ctx.emit({"command": "eval", "data": data, "device": str(ctx.device), "models": [r.to_dict() for r in reports]})
+        for adapter in adapters:
+            check_evaluation(adapter, eval_data, teacher_model)
+            check_imgsz(adapter, imgsz or adapter.input_spec.imgsz, batch, ctx.device, training=False)
+        candidates = [Candidate(a.name, a, imgsz or a.input_spec.imgsz) for a in adapters]
+        comparisons = []  # (later model's index, baseline's index)
+        first = adapters[0]
+        if baseline and len(adapters) > 1 and not isinstance(eval_data, ImageFolder) and first.free_input_size:
+            size = candidates[0].imgsz
+            cost = gflops(first.model, example_input(first, size))
+            for index, adapter in enumerate(adapters[1:], 1):
+                if (adapter.family, adapter.task) != (first.family, first.task):
+                    continue
+                equal = equal_cost_imgsz(first, cost, gflops(adapter.model, example_input(adapter, size)), size)
+                if equal is not None:
+                    candidates.append(Candidate(f"{first.name} @ {equal} px", first, equal))
+                    comparisons.append((index, len(candidates) - 1))
+        ctx.say(f"Evaluating {', '.join(c.label for c in candidates)} on {data} ({ctx.device}) ...")
+        with ctx.progress() as show:
+            reports = evaluate_models(candidates, eval_data, teacher=teacher_model, batch=batch, device=ctx.device,
+                                      latency_runs=latency_runs, robustness=robustness, on_progress=show)
+        metric = watched_metric(first, eval_data)
+        verdicts = [Verdict.of(metric, reports[i], reports[b]) for i, b in comparisons]
+        ctx.results.print(report_table(reports, f"dfbf eval · {data}", metric))
+        for (index, _), verdict in zip(comparisons, verdicts):
+            ctx.results.print(f"{candidates[index].label}: {verdict.sentence()}", highlight=False, soft_wrap=True, markup=False)
+        ctx.emit({"command": "eval", "data": data, "device": str(ctx.device), "models": [r.to_dict() for r in reports],
+                  "free_alternative": [{"model": candidates[i].label, **v.to_dict()} for (i, _), v in zip(comparisons, verdicts)]})

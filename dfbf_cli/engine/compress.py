@@ -1,26 +1,63 @@
-"""``dfbf compress``'s run directory: one folder per run, each stage's result kept so a re-run resumes.
+"""The whole job: synthesise → prune → fine-tune → evaluate, as one validated plan and one resumable run.
 
-    RUN_DIR/run.json               what was asked (a re-run must ask the same)
-    RUN_DIR/synthetic/             the synthetic dataset (unless --synthetic points elsewhere)
-    RUN_DIR/pruned<ext>            the pruned model, before fine-tuning
-    RUN_DIR/finetune-state.pt      fine-tuning checkpoint (only while unfinished)
-    RUN_DIR/compressed<ext>        the final model
-    RUN_DIR/report.json|md|png     the comparison original / pruned / compressed, and the loss curve
+:func:`plan_compress` checks every argument and input before anything is computed (a mistake costs
+seconds, not the forty minutes of a YOLO run); :func:`compress` then runs the stages, each one
+"reuse the artefact if the run directory has it, else make it and save it", so re-running the same
+command after an interruption continues where it stopped. The run directory::
+
+    RUN/run.json               what was asked (a re-run must ask the same; --data is not part of it)
+    RUN/synthetic/             the synthetic training images (unless --synthetic points elsewhere)
+    RUN/holdout/               a few fresh synthetic images the student never trains on (fidelity)
+    RUN/pruning.json           how many channels each group keeps
+    RUN/pruned<ext>            the pruned model, before fine-tuning
+    RUN/round-<k><ext>         with --rounds K: the model after round k's prune and distillation
+    RUN/finetune-state.pt      the fine-tuning checkpoint (only while unfinished)
+    RUN/compressed<ext>        the final model
+    RUN/compressed[_int8]_openvino_model/ or compressed[-int8].onnx   with --export: the final model, exported
+    RUN/report.json|md|png     original / pruned / compressed (and the free alternative), loss curve
 """
 
 from __future__ import annotations
 
-import json
-from dataclasses import dataclass
+import copy
+import logging
+import math
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from dfbf_cli import __version__
-from dfbf_cli.engine.evaluate import ModelReport
-from dfbf_cli.engine.files import atomic_path
-from dfbf_cli.engine.finetune import EpochRecord
-from dfbf_cli.errors import DfbfError
+import torch
 
-STAGES = ("original", "pruned", "compressed")
+from dfbf_cli import __version__
+from dfbf_cli.contract import EvalData, ImageFolder, ModelAdapter
+from dfbf_cli.engine.efficiency import check_imgsz, example_input, gflops
+from dfbf_cli.engine.evaluate import Candidate, ModelReport, Verdict, check_evaluation, equal_cost_imgsz, evaluate_models, watched_metric
+from dfbf_cli.engine.export import check_packages, default_path
+from dfbf_cli.engine.export import export as export_model
+from dfbf_cli.engine.features import feature_gap
+from dfbf_cli.engine.files import Kind, Output, check_outputs, read_json, write_json
+from dfbf_cli.engine.finetune import EpochRecord, finetune
+from dfbf_cli.engine.progress import ProgressCallback, ignore
+from dfbf_cli.engine.progressive import progressive_prune
+from dfbf_cli.engine.pruning import plan_keep, prune
+from dfbf_cli.engine.report import write_report
+from dfbf_cli.engine.synthesis import plan_synthesis, run_synthesis
+from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
+from dfbf_cli.errors import DfbfError
+from dfbf_cli.settings import (
+    EVAL_BATCH,
+    SYNTHESIS_BATCH,
+    ExportFormat,
+    FinetuneSettings,
+    Preset,
+    ProgressiveSettings,
+    PruneSettings,
+    Strategy,
+)
+
+log = logging.getLogger("dfbf")
+
+HOLDOUT_IMAGES = 16  # at most; a quarter of the training set for smaller ones
+HOLDOUT_SEED_OFFSET = 2**32  # the holdout's shards never share a seed with a training set's
 
 
 @dataclass(frozen=True)
@@ -33,106 +70,262 @@ class RunDirectory:
         return self.root / "synthetic"
 
     @property
+    def holdout(self) -> Path:
+        return self.root / "holdout"
+
+    @property
+    def pruning(self) -> Path:
+        return self.root / "pruning.json"
+
+    @property
     def pruned(self) -> Path:
         return self.root / f"pruned{self.suffix}"
+
+    def round(self, k: int) -> Path:
+        return self.root / f"round-{k}{self.suffix}"
 
     @property
     def compressed(self) -> Path:
         return self.root / f"compressed{self.suffix}"
 
+    def exported(self, fmt: ExportFormat, int8: bool) -> Path:
+        return self.root / default_path("compressed", fmt, int8)
+
     @property
     def finetune_state(self) -> Path:
         return self.root / "finetune-state.pt"
 
-    @classmethod
-    def prepare(cls, root: Path, suffix: str, request: dict) -> RunDirectory:
-        """Create the run directory, or accept it for resuming when it was made for the same request."""
-        run_file = root / "run.json"
-        if run_file.exists():
-            previous = json.loads(run_file.read_text())["request"]
+    @property
+    def history(self) -> Path:
+        return self.root / "finetune-history.json"
+
+    @property
+    def run_file(self) -> Path:
+        return self.root / "run.json"
+
+    def check(self, request: dict) -> None:
+        """Accept a new or empty folder, or one holding a run of the same request (to resume it)."""
+        if self.run_file.exists():
+            previous = read_json(self.run_file, "the run's request")
+            previous = previous.get("request") if isinstance(previous, dict) else None
+            if not isinstance(previous, dict):
+                raise DfbfError(f"{self.run_file} is damaged; delete the run directory to start over.")
             if previous != request:
                 changed = sorted(k for k in {*previous, *request} if previous.get(k) != request.get(k))
-                raise DfbfError(f"{root} holds a run with other settings ({', '.join(changed)} differ); use another --out.")
-        elif root.exists() and any(root.iterdir()):
-            raise DfbfError(f"{root} exists and is not a dfbf compress run; choose an empty or new --out.")
-        root.mkdir(parents=True, exist_ok=True)
-        with atomic_path(run_file) as tmp:
-            tmp.write_text(json.dumps({"dfbf_version": __version__, "request": request}, indent=2) + "\n")
-        return cls(root, suffix)
+                raise DfbfError(f"{self.root} holds a run with other settings ({', '.join(changed)} differ); use another --out.")
+        elif self.root.exists() and any(self.root.iterdir()):
+            raise DfbfError(f"{self.root} exists and is not a dfbf compress run; choose an empty or new --out.")
+
+    def start(self, request: dict) -> None:
+        if not self.run_file.exists():
+            write_json(self.run_file, {"dfbf_version": __version__, "request": request})
 
 
-def primary_metric(report: ModelReport) -> str:
-    """The metric a quality gate watches: the first the adapter reports (pose mAP, box mAP, top-1...)."""
-    return next(iter(report.metrics))
+@dataclass(frozen=True)
+class CompressPlan:
+    """Everything ``dfbf compress`` will do, validated."""
+
+    original: ModelAdapter
+    run: RunDirectory
+    request: dict  # the run's identity (run.json)
+    prune: PruneSettings
+    strategy: Strategy
+    progressive: ProgressiveSettings
+    rounds: int
+    finetune: FinetuneSettings
+    preset: Preset
+    imgsz: int  # synthesis and fine-tuning
+    num_images: int
+    synthetic: SyntheticDataset | None  # given with --synthetic; else made in the run directory
+    eval_data: EvalData | None
+    export: ExportFormat | None
+    int8: bool
+    max_drop: float | None
+    seed: int
+    device: torch.device
 
 
-def metric_drop(reports: dict[str, ModelReport]) -> tuple[str, float] | None:
-    """(metric, original minus compressed) when a metric was measured."""
-    if not reports["original"].metrics:
-        return None
-    name = primary_metric(reports["original"])
-    return name, reports["original"].metrics[name] - reports["compressed"].metrics[name]
-
-
-def write_report(
-    run: RunDirectory, request: dict, reports: dict[str, ModelReport] | None, history: list[EpochRecord], *, precision: str
-) -> dict:
-    """report.json (everything), report.md (a person's summary) and report.png (metric and loss plots).
-
-    ``precision`` is the arithmetic fine-tuning used (bf16 or fp32), where the request may say auto."""
-    report = {
-        "dfbf_version": __version__, "request": request, "precision": precision,
-        "models": {stage: r.to_dict() for stage, r in (reports or {}).items()},
-        "files": {stage: str(path) for stage, path in (("pruned", run.pruned), ("compressed", run.compressed))},
-        "finetune_history": [vars(r) for r in history],
+def plan_compress(
+    original: ModelAdapter, *, model_spec: str, prune_settings: PruneSettings, strategy: Strategy, rounds: int, preset_name: str,
+    preset: Preset, finetune_settings: FinetuneSettings, epochs: int | None, num_images: int | None, imgsz: int | None, synthetic: Path | None,
+    export: ExportFormat | None, int8: bool,
+    allow_teacher_mismatch: bool, eval_data: EvalData | None, max_drop: float | None, out: Path | None, seed: int,
+    device: torch.device, inputs: dict[str, Path | None],
+) -> CompressPlan:
+    """Check every argument and input against each other; nothing is computed or written."""
+    prune_settings.validate()
+    if rounds < 1:
+        raise DfbfError(f"--rounds must be at least 1, got {rounds}.")
+    if rounds > 1 and strategy == Strategy.PROGRESSIVE:
+        raise DfbfError("--rounds applies to one-shot pruning; progressive pruning already works in small steps (--strategy oneshot).")
+    if int8 and export is None:
+        raise DfbfError("--int8 applies to --export FORMAT (the compressed model exported, INT8 calibrated on the run's synthetic images).")
+    if export is not None:
+        check_packages(export)
+    if max_drop is not None:
+        if not (math.isfinite(max_drop) and max_drop >= 0):
+            raise DfbfError(f"--max-drop must be 0 or more, got {max_drop}.")
+        if eval_data is None:
+            raise DfbfError("--max-drop needs --data (labelled data, or photos to measure agreement on) to measure the metric on.")
+    if eval_data is not None:
+        check_evaluation(original, eval_data, original if isinstance(eval_data, ImageFolder) else None)
+    dataset = None
+    if synthetic is not None:
+        dataset = SyntheticDataset.open(synthetic)
+        dataset.verify()
+        dataset.check_teacher(original.fingerprint(), allow_mismatch=allow_teacher_mismatch)
+        if imgsz is not None and imgsz != dataset.imgsz:
+            raise DfbfError(f"--imgsz {imgsz} differs from the {dataset.imgsz} px of the images in {synthetic}; leave --imgsz out.")
+        if num_images is not None:
+            raise DfbfError(f"--num-images applies to images compress makes; {synthetic} holds {dataset.num_images} already.")
+        if dataset.num_images < 2:
+            raise DfbfError(f"{synthetic} holds {dataset.num_images} image(s); fine-tuning needs at least 2.")
+    elif allow_teacher_mismatch:
+        raise DfbfError("--allow-teacher-mismatch applies to a --synthetic dataset made from another model.")
+    size = dataset.imgsz if dataset else imgsz or preset.imgsz(original.input_spec.imgsz)
+    check_imgsz(original, size, finetune_settings.batch, device, training=True)
+    num_images = dataset.num_images if dataset else num_images or preset.num_images(size)
+    settings = replace(finetune_settings, epochs=epochs or preset.epochs(num_images, finetune_settings.batch, size))
+    settings.validate()
+    run = RunDirectory(out or Path(f"{original.stem}-compressed"), original.default_suffix)
+    check_outputs([Output("--out", run.root, Kind.DIRECTORY)], inputs)
+    request = {
+        "model": model_spec, "fingerprint": original.fingerprint(), **{k: str(v) if v is not None else None for k, v in
+        (("ratio", prune_settings.ratio), ("flops", prune_settings.flops))}, "scope": str(prune_settings.scope),
+        "allocation": str(prune_settings.allocation), "criterion": str(prune_settings.criterion), "schedule": str(prune_settings.schedule),
+        "strategy": str(strategy), "rounds": rounds, "preset": preset_name, "epochs": settings.epochs, "precision": str(settings.precision),
+        "imgsz": size, "num_images": num_images, "seed": seed, "synthetic": None if synthetic is None else str(synthetic.resolve()),
+        "synthetic_content": None if dataset is None else dataset.content_id(),
     }
-    if reports:
-        drop = metric_drop(reports)
-        report["metric_drop"] = None if drop is None else {"metric": drop[0], "drop": drop[1]}
-    with atomic_path(run.root / "report.json") as tmp:
-        tmp.write_text(json.dumps(report, indent=2) + "\n")
-    with atomic_path(run.root / "report.md") as tmp:
-        tmp.write_text(_markdown(request, reports, history, precision))
-    _plot(run.root / "report.png", reports, history)
-    return report
+    run.check(request)
+    return CompressPlan(original, run, request, prune_settings, strategy, ProgressiveSettings(), rounds, settings, preset, size,
+                        num_images, dataset, eval_data, export, int8, max_drop, seed, device)
 
 
-def _markdown(request: dict, reports: dict[str, ModelReport] | None, history: list[EpochRecord], precision: str) -> str:
-    lines = [f"# dfbf compress: {request['model']}", "", f"ratio {request['ratio']}, preset {request['preset']}, "
-             f"data {request.get('data') or '(none)'}", ""]
-    if reports:
-        metrics = list(dict.fromkeys(m for r in reports.values() for m in r.metrics))
-        lines += ["| | " + " | ".join(STAGES) + " |", "|---" * (len(STAGES) + 1) + "|"]
-        for m in metrics:
-            lines.append(f"| {m} | " + " | ".join(f"{reports[s].metrics.get(m, float('nan')):.4g}" for s in STAGES) + " |")
-        for label, key, scale in (("params (M)", "params", 1e-6), ("backbone params (M)", "backbone_params", 1e-6),
-                                  ("GFLOPs", "gflops", 1), ("CPU latency (ms)", "latency_cpu_ms", 1), ("file (MB)", "file_mb", 1)):
-            lines.append(f"| {label} | " + " | ".join(f"{getattr(reports[s].efficiency, key) * scale:.4g}" for s in STAGES) + " |")
-    if history:
-        lines += ["", f"Fine-tuning: {len(history)} epoch{'s' * (len(history) != 1)} in {precision}, feature loss {history[0].loss:.4f} → {history[-1].loss:.4f}."]
-    lines += ["", "![metric and loss](report.png)", ""]
-    return "\n".join(lines)
+@dataclass(frozen=True)
+class CompressResult:
+    run: RunDirectory
+    summary: dict  # what report.json holds
+    reports: list[ModelReport]
+    verdict: Verdict | None
+    gate_failure: str | None  # why --max-drop failed, if it did
 
 
-def _plot(path: Path, reports: dict[str, ModelReport] | None, history: list[EpochRecord]) -> None:
-    import matplotlib
+def _synthesize(plan: CompressPlan, folder: Path, count: int, seed: int, on_progress: ProgressCallback) -> SyntheticDataset:
+    synthesis = plan_synthesis(plan.original, folder, num_images=count, imgsz=plan.imgsz, batch=min(SYNTHESIS_BATCH, count),
+                               settings=plan.preset.synthesis, seed=seed, precision=plan.finetune.precision)
+    if synthesis.shard_sizes:
+        log.info("Synthesising %d image(s) at %d px from %s on %s (%s) into %s.", sum(synthesis.shard_sizes), plan.imgsz,
+                 plan.original.describe(), plan.device, plan.finetune.precision, folder)
+    return run_synthesis(plan.original, synthesis, device=plan.device, on_progress=on_progress)
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    if reports and reports["original"].metrics:
-        name = primary_metric(reports["original"])
-        left.bar(STAGES, [reports[s].metrics[name] for s in STAGES], color=["#888", "#c55", "#5a5"])
-        left.set_title(name)
+def _keep(plan: CompressPlan, dataset: SyntheticDataset, on_progress: ProgressCallback) -> dict[str, int]:
+    """Channels each group keeps (saved: the allocation measures the groups, which takes a while)."""
+    if plan.run.pruning.exists():
+        return read_json(plan.run.pruning, "the pruning plan")["keep"]
+    probe = dataset.probe(plan.progressive.probe_images).to(plan.device)
+    keep = plan_keep(plan.original, plan.prune, imgsz=plan.original.input_spec.imgsz, probe=probe, device=plan.device, on_progress=on_progress)
+    write_json(plan.run.pruning, {"keep": keep})
+    return keep
+
+
+def _pruned(plan: CompressPlan, source: ModelAdapter, keep: dict[str, int], dataset: SyntheticDataset, on_progress: ProgressCallback) -> ModelAdapter:
+    if plan.strategy == Strategy.PROGRESSIVE:
+        probe = dataset.probe(plan.progressive.probe_images)
+        return progressive_prune(source, plan.prune, keep, plan.progressive, probe, seed=plan.seed, on_progress=on_progress)[0]
+    return prune(source, plan.prune, keep)[0]
+
+
+def round_keep(sizes: dict[str, int], keep: dict[str, int], k: int, rounds: int) -> dict[str, int]:
+    """Round ``k`` of ``rounds`` keeps this many per group: the final counts reached in equal steps."""
+    return {name: sizes[name] - round((sizes[name] - keep[name]) * k / rounds) for name in keep}
+
+
+def _distilled(plan: CompressPlan, keep: dict[str, int], pruned: ModelAdapter, dataset: SyntheticDataset,
+               on_progress: ProgressCallback) -> tuple[ModelAdapter, list[EpochRecord]]:
+    """Prune and distil in ``rounds`` steps (one: the pruned model is distilled once), each round's result kept."""
+    run, original, rounds = plan.run, plan.original, plan.rounds
+    history = [EpochRecord(**r) for r in read_json(run.history, "the fine-tuning history")] if run.history.exists() else []
+    if run.compressed.exists() and run.history.exists():
+        return original.reload(run.compressed), history
+    images, _ = dataset.load()
+    sizes = {g.name: g.size for g in original.channel_groups(plan.prune.scope)}
+    settings = replace(plan.finetune, epochs=math.ceil(plan.finetune.epochs / rounds))
+    student = original
+    for k in range(1, rounds + 1):
+        done = run.round(k) if k < rounds else run.compressed
+        if done.exists():
+            student = original.reload(done)
+            continue
+        if rounds == 1:
+            student = pruned.with_model(copy.deepcopy(pruned.model))
+        else:
+            student = prune(student, plan.prune, round_keep(sizes, keep, k, rounds))[0]
+        log.info("Fine-tuning%s %d epoch(s) over %d image(s) at %d px on %s (%s).", f" round {k}/{rounds}:" if rounds > 1 else "",
+                 settings.epochs, len(images), dataset.imgsz, plan.device, settings.precision)
+        records = finetune(student, original, images, settings=settings, scope=plan.prune.scope, device=plan.device, seed=plan.seed + k - 1,
+                           state_path=run.finetune_state, resume=True, data_id=dataset.content_id(), on_progress=on_progress)
+        history += [replace(r, epoch=len(history) + r.epoch) for r in records]
+        student.save(done)
+        write_json(run.history, [vars(r) for r in history])
+        run.finetune_state.unlink(missing_ok=True)
+    return student, history
+
+
+def compress(plan: CompressPlan, *, on_progress: ProgressCallback = ignore) -> CompressResult:
+    """Run the plan's stages, reusing every artefact the run directory already holds."""
+    run, original = plan.run, plan.original
+    run.start(plan.request)
+    dataset = plan.synthetic or _synthesize(plan, run.synthetic, plan.num_images, plan.seed, on_progress)
+    keep = _keep(plan, dataset, on_progress)
+    if run.pruned.exists():
+        pruned = original.reload(run.pruned)
     else:
-        left.set_axis_off()
-    if history:
-        right.plot([r.epoch for r in history], [r.loss for r in history], marker="o")
-        right.set_xlabel("epoch")
-        right.set_ylabel("feature loss")
-        right.set_title("fine-tuning")
-    figure.tight_layout()
-    with atomic_path(path) as tmp:
-        figure.savefig(tmp, format="png", dpi=100)
-    plt.close(figure)
+        pruned = _pruned(plan, original, keep, dataset, on_progress)
+        pruned.save(run.pruned)
+    compressed, history = _distilled(plan, keep, pruned, dataset, on_progress)
+    exported = None
+    if plan.export is not None:
+        target = run.exported(plan.export, plan.int8)
+        if not target.exists():
+            log.info("Exporting the compressed model to %s%s.", plan.export, " INT8, calibrated on the synthetic images" if plan.int8 else "")
+            export_model(compressed, plan.export, target, imgsz=original.input_spec.imgsz, calibration=dataset if plan.int8 else None)
+        exported = compressed.load_export(target)
+    count = min(HOLDOUT_IMAGES, max(2, plan.num_images // 4))
+    holdout = _synthesize(plan, run.holdout, count, plan.seed + HOLDOUT_SEED_OFFSET, on_progress).load()[0].float() / 255
+    fidelity = {stage: feature_gap(model, original, holdout, scope=plan.prune.scope, device=plan.device)
+                for stage, model in (("pruned", pruned), ("compressed", compressed))}
+    reports, baseline, verdict = _evaluate(plan, pruned, compressed, exported, on_progress)
+    metric = None if plan.eval_data is None else watched_metric(original, plan.eval_data)
+    drop = None if metric is None else (reports[0].metrics[metric.name] - reports[2].metrics[metric.name]) * (1 if metric.higher_is_better else -1)
+    summary = write_report(run.root, plan.request, reports, history, metric=metric and metric.name, drop=drop, fidelity=fidelity,
+                           baseline=baseline, verdict=verdict, precision=plan.finetune.precision,
+                           files={"pruned": run.pruned, "compressed": run.compressed})
+    failure = None
+    if plan.max_drop is not None and drop > plan.max_drop:
+        failure = f"{metric.name} dropped by {drop:.4g}, more than --max-drop {plan.max_drop}."
+    return CompressResult(run, summary, reports + ([baseline] if baseline else []), verdict, failure)
+
+
+def _evaluate(plan: CompressPlan, pruned: ModelAdapter, compressed: ModelAdapter, exported: ModelAdapter | None,
+              on_progress: ProgressCallback) -> tuple[list[ModelReport], ModelReport | None, Verdict | None]:
+    """Original, pruned, compressed (and its export) at the model's size; with labelled data and a free input
+    size, also the original at the size of the compressed model's GFLOPs (the free alternative), and the verdict."""
+    original, size, data = plan.original, plan.original.input_spec.imgsz, plan.eval_data
+    candidates = [Candidate("original", original, size), Candidate("pruned", pruned, size), Candidate("compressed", compressed, size)]
+    if exported is not None:
+        candidates.append(Candidate(f"compressed {'INT8' if plan.int8 else 'FP32'} {plan.export}", exported, size))
+    if data is not None and not isinstance(data, ImageFolder):
+        example = example_input(original, size)
+        equal = equal_cost_imgsz(original, gflops(original.model.cpu(), example), gflops(compressed.model.cpu(), example), size)
+        if equal is not None:
+            candidates.append(Candidate(f"original @ {equal} px", original, equal))
+    if data is not None:
+        log.info("Evaluating %s on %s.", ", ".join(c.label for c in candidates), data.source)
+    reports = evaluate_models(candidates, data, teacher=original if isinstance(data, ImageFolder) else None, batch=EVAL_BATCH,
+                              device=plan.device, on_progress=on_progress)
+    stages = len(candidates) - (candidates[-1].label.startswith("original @"))
+    if stages == len(candidates):
+        return reports, None, None
+    return reports[:stages], reports[-1], Verdict.of(watched_metric(original, data), reports[2], reports[-1])

@@ -11,14 +11,18 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from dfbf_cli.adapters.base import ModelAdapter
+from dfbf_cli.contract import ModelAdapter
 from dfbf_cli.engine.data import temporary_folder
+from dfbf_cli.engine.runtime import free_memory_bytes
+from dfbf_cli.errors import DfbfError
+from dfbf_cli.settings import Scope
 
 WARMUP_RUNS = 3
 
 
 @dataclass(frozen=True)
 class Efficiency:
+    imgsz: int
     params: int
     backbone_params: int
     gflops: float
@@ -42,17 +46,21 @@ def gflops(model: nn.Module, example: torch.Tensor) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def median_latencies_ms(models: list[nn.Module], example: torch.Tensor, runs: int) -> list[float]:
+def example_input(adapter: ModelAdapter, imgsz: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    return torch.rand(1, adapter.input_spec.channels, imgsz, imgsz, generator=torch.Generator().manual_seed(0)).to(device)
+
+
+def median_latencies_ms(models: list[nn.Module], examples: list[torch.Tensor], runs: int) -> list[float]:
     """Median wall time of one forward pass per model, after warm-up.
 
     Models are timed round-robin, one pass each in turn, so that warm-up effects and background load
     fall on all of them alike: comparing a pruned model with its original is then fair.
     """
-    sync = torch.cuda.synchronize if example.is_cuda else (lambda: None)
+    sync = torch.cuda.synchronize if examples[0].is_cuda else (lambda: None)
     times: list[list[float]] = [[] for _ in models]
     with torch.inference_mode():
         for i in range(WARMUP_RUNS + runs):
-            for model, record in zip(models, times):
+            for model, example, record in zip(models, examples, times):
                 sync()
                 start = time.perf_counter()
                 model(example)
@@ -63,30 +71,61 @@ def median_latencies_ms(models: list[nn.Module], example: torch.Tensor, runs: in
 
 
 def file_size_mb(adapter: ModelAdapter) -> float:
-    """Size of the model file as the user has it (or as dfbf would save it, for built-in weights)."""
+    """Size of the model file (or exported folder) as the user has it (or as dfbf would save it, for built-in weights)."""
+    if adapter.source is not None and adapter.source.is_dir():
+        return sum(p.stat().st_size for p in adapter.source.rglob("*") if p.is_file()) / 2**20
     if adapter.source is not None and adapter.source.is_file():
         return adapter.source.stat().st_size / 2**20
     with temporary_folder() as tmp:
         return adapter.save(Path(tmp) / f"model{adapter.default_suffix}").stat().st_size / 2**20
 
 
-def measure_efficiency(adapters: list[ModelAdapter], *, imgsz: int, device: torch.device, runs: int = 10) -> list[Efficiency]:
-    """Efficiency of several models measured together (latencies interleaved, see above)."""
-    models = [adapter.model.eval().cpu() for adapter in adapters]
-    example = torch.rand(1, adapters[0].input_spec.channels, imgsz, imgsz)
+def measure_efficiency(entries: list[tuple[ModelAdapter, int]], *, device: torch.device, runs: int = 10) -> list[Efficiency]:
+    """Efficiency of several (model, input size) pairs measured together (latencies interleaved, see above)."""
+    models = [adapter.model.eval().cpu() for adapter, _ in entries]
+    examples = [example_input(adapter, imgsz) for adapter, imgsz in entries]
     device_ms: list[float | None] = [None] * len(models)
     if device.type != "cpu":
-        device_ms = median_latencies_ms([m.to(device) for m in models], example.to(device), runs)
+        device_ms = median_latencies_ms([m.to(device) for m in models], [e.to(device) for e in examples], runs)
         models = [m.cpu() for m in models]
-    cpu_ms = median_latencies_ms(models, example, runs)
-    return [
-        Efficiency(
-            params=count_params(model),
-            backbone_params=count_params(adapter.split().backbone),
-            gflops=gflops(model, example),
-            latency_cpu_ms=cpu,
-            latency_device_ms=dev,
-            file_mb=file_size_mb(adapter),
-        )
-        for adapter, model, cpu, dev in zip(adapters, models, cpu_ms, device_ms)
-    ]
+    cpu_ms = median_latencies_ms(models, examples, runs)
+    reports = []
+    for (adapter, imgsz), model, example, cpu, dev in zip(entries, models, examples, cpu_ms, device_ms):
+        params, backbone, cost = adapter.static_cost() or (count_params(model), count_params(adapter.split(Scope.BACKBONE).backbone), gflops(model, example))
+        reports.append(Efficiency(imgsz, params, backbone, cost, cpu, dev, file_size_mb(adapter)))
+    return reports
+
+
+def activation_bytes(adapter: ModelAdapter, imgsz: int, batch: int) -> int:
+    """A forward pass's activation memory for ``batch`` images of ``imgsz`` (fp32), from one small pass:
+    what a size must be checked against before a long job starts."""
+    probe = max(adapter.input_spec.stride * 2, 32)
+    total = 0
+
+    def count(_module, _inputs, output) -> None:
+        nonlocal total
+        for tensor in output if isinstance(output, (tuple, list)) else (output,):
+            if isinstance(tensor, torch.Tensor):
+                total += tensor.numel()
+
+    hooks = [m.register_forward_hook(count) for m in adapter.model.modules() if not list(m.children())]
+    try:
+        with torch.inference_mode():
+            adapter.model.eval().cpu()(example_input(adapter, probe))
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return int(total * 4 * batch * (imgsz / probe) ** 2)
+
+
+def check_imgsz(adapter: ModelAdapter, imgsz: int, batch: int, device: torch.device, *, training: bool) -> None:
+    """An input size the model accepts (a multiple of its stride) and that fits in memory."""
+    stride = adapter.input_spec.stride
+    if imgsz < stride or imgsz % stride:
+        near = max(stride, round(imgsz / stride) * stride)
+        raise DfbfError(f"--imgsz {imgsz} is not a multiple of {adapter.name}'s stride {stride}; use {near}.")
+    needed = activation_bytes(adapter, imgsz, batch) * (3 if training else 1)  # saved activations, their gradients, the teacher
+    available = free_memory_bytes(device)
+    if needed > available:
+        raise DfbfError(f"{batch} image(s) of {imgsz} px need about {needed / 2**30:.1f} GiB on {device}, more than the "
+                        f"{available / 2**30:.1f} GiB free; use a smaller --imgsz or --batch.")

@@ -1,18 +1,17 @@
-"""DFBF's intermediate supervision: teach the pruned backbone to reproduce the original's features.
+"""DFBF's intermediate supervision: teach the pruned model to reproduce the original's features.
 
-On synthetic images, teacher and student backbones run side by side; the loss is a weighted sum,
-over the feature taps (block outputs that pruning kept at their original shape, the backbone's
+On synthetic images, teacher and student run side by side up to the pruned scope's end; the loss is a
+weighted sum, over the feature taps (outputs that pruning kept at their original shape, the scope's
 final outputs included), of the distance between student and teacher feature maps, deeper taps
-weighted more. Only the student's backbone trains; the original head is put back unchanged at the
-end. Each epoch ends with an atomic checkpoint, so an interrupted run resumes where it stopped.
+weighted more. Only the student's pruned scope trains; the original head is put back unchanged at
+the end. Each epoch ends with an atomic checkpoint, so an interrupted run resumes where it stopped.
 """
 
 from __future__ import annotations
 
-import contextlib
 import math
+import pickle
 import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -20,74 +19,16 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfbf_cli.adapters.base import ModelAdapter
+from dfbf_cli.contract import ModelAdapter
 from dfbf_cli.engine.evaluate import check_same_kind
+from dfbf_cli.engine.features import FeatureTaps, tap_weights, weighted_distance
 from dfbf_cli.engine.files import atomic_path
-from dfbf_cli.engine.runtime import PRECISIONS, autocast
+from dfbf_cli.engine.progress import ProgressCallback, ProgressEvent, ignore
+from dfbf_cli.engine.runtime import autocast
 from dfbf_cli.errors import DfbfError
+from dfbf_cli.settings import BatchNormMode, FinetuneSettings, Optimizer, Scope
 
-DISTANCES = {"l1": F.l1_loss, "mse": F.mse_loss, "smoothl1": F.smooth_l1_loss}
-TAP_WEIGHTS = {
-    "uniform": lambda n: [1.0] * n,
-    "linear": lambda n: [float(i + 1) for i in range(n)],  # rising with depth, as the reference does
-    "last": lambda n: [0.0] * (n - 1) + [1.0],
-}
-
-
-def tap_weights(scheme: str, n: int) -> list[float]:
-    """The ``n`` taps' weights under ``scheme``, summing to 1 (the loss scale does not depend on the number of taps)."""
-    weights = torch.tensor(TAP_WEIGHTS[scheme](n))
-    return (weights / weights.sum()).tolist()
-
-
-@dataclass(frozen=True)
-class FinetuneSettings:
-    epochs: int = 20
-    batch: int = 32
-    lr: float = 1e-3
-    optimizer: str = "adam"  # measured better than the reference's SGD here (docs/finetune.md)
-    momentum: float = 0.9  # SGD only
-    weight_decay: float = 0.0  # 5e-4 (the reference's) cost points with Adam: docs/finetune.md
-    schedule: str = "cosine"  # or "step" (×0.1 at 50% and 75% of the epochs)
-    loss: str = "l1"
-    tap_weights: str = "linear"
-    bn: str = "train"  # student BatchNorm: "train" (batch statistics, running stats updated) or "frozen"
-    augment: bool = True  # random flips and shifts of the fixed synthetic set
-    cutmix: bool = True  # paste a patch of another image into each: +1.3 top-1 on CIFAR (docs/finetune.md)
-    precision: str = "auto"  # bf16 autocast where native (runtime.resolve_precision), else fp32
-
-    def validate(self) -> None:
-        for field_name, value, allowed in (("loss", self.loss, DISTANCES), ("tap-weights", self.tap_weights, TAP_WEIGHTS),
-                                           ("optimizer", self.optimizer, {"sgd", "adam"}), ("schedule", self.schedule, {"cosine", "step"}),
-                                           ("bn", self.bn, {"train", "frozen"}), ("precision", self.precision, PRECISIONS)):
-            if value not in allowed:
-                raise DfbfError(f"Unknown --{field_name} '{value}'; choose one of {', '.join(allowed)}.")
-        if self.epochs < 1 or self.batch < 2 or not self.lr > 0 or not self.weight_decay >= 0:
-            raise DfbfError("--epochs must be ≥ 1, --batch ≥ 2, --lr > 0 and --weight-decay ≥ 0.")
-
-
-class FeatureTaps(contextlib.AbstractContextManager):
-    """Records the outputs of named submodules during a forward pass, in tap order."""
-
-    def __init__(self, model: nn.Module, names: list[str]):
-        self.outputs: dict[str, torch.Tensor] = {}
-        self.names = names
-        self.handles = [model.get_submodule(n).register_forward_hook(self._recorder(n)) for n in names]
-
-    def _recorder(self, name: str):
-        def record(_module, _inputs, output) -> None:
-            self.outputs[name] = output
-
-        return record
-
-    def take(self) -> list[torch.Tensor]:
-        taken = [self.outputs[n] for n in self.names]
-        self.outputs = {}
-        return taken
-
-    def __exit__(self, *exc) -> None:
-        for handle in self.handles:
-            handle.remove()
+SGD_MOMENTUM = 0.9
 
 
 def augment(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -115,32 +56,39 @@ def cutmix(images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
 
 
 def _optimizer(params: list[nn.Parameter], settings: FinetuneSettings) -> torch.optim.Optimizer:
-    if settings.optimizer == "adam":
+    if settings.optimizer == Optimizer.ADAM:
         return torch.optim.Adam(params, lr=settings.lr, weight_decay=settings.weight_decay)
-    return torch.optim.SGD(params, lr=settings.lr, momentum=settings.momentum, weight_decay=settings.weight_decay)
+    return torch.optim.SGD(params, lr=settings.lr, momentum=SGD_MOMENTUM, weight_decay=settings.weight_decay)
 
 
-def _lr_at(settings: FinetuneSettings, epoch: int) -> float:
-    if settings.schedule == "step":
-        return settings.lr * (0.1 ** sum(epoch >= settings.epochs * f for f in (0.5, 0.75)))
+def _cosine_lr(settings: FinetuneSettings, epoch: int) -> float:
     return 0.5 * settings.lr * (1 + math.cos(math.pi * epoch / settings.epochs))
 
 
-def check_compatible(student: ModelAdapter, teacher: ModelAdapter, imgsz: int) -> None:
+def _tap_shapes(adapter: ModelAdapter, scope: Scope, imgsz: int) -> list[tuple[str, torch.Size]]:
+    split = adapter.split(scope)
+    with torch.no_grad(), FeatureTaps(adapter.model, split.feature_taps) as taps:
+        split.backbone.eval()(torch.zeros(1, adapter.input_spec.channels, imgsz, imgsz))
+        return list(zip(split.feature_taps, (t.shape for t in taps.take())))
+
+
+def fitting_scope(student: ModelAdapter, teacher: ModelAdapter, imgsz: int) -> Scope:
+    """The narrowest scope at whose taps student and teacher agree in shape: where the student was pruned."""
+    check_same_kind(student, teacher)
+    for scope in Scope:
+        if _tap_shapes(student, scope, imgsz) == _tap_shapes(teacher, scope, imgsz):
+            return scope
+    raise DfbfError(f"Teacher {teacher.name} does not match the student at any of its feature taps: give the unpruned model that the student was pruned from.")
+
+
+def check_compatible(student: ModelAdapter, teacher: ModelAdapter, imgsz: int, scope: Scope) -> None:
     """The teacher must be the student's unpruned original: same kind, same taps of the same shapes."""
     check_same_kind(student, teacher)
-    s_split, t_split = student.split(), teacher.split()
-    if s_split.feature_taps != t_split.feature_taps:
-        raise DfbfError(f"Teacher {teacher.name} does not have the student's feature taps: it is not the model that was pruned.")
-    x = torch.rand(1, 3, imgsz, imgsz)
-    with torch.no_grad(), FeatureTaps(student.model, s_split.feature_taps) as s_taps, FeatureTaps(teacher.model, t_split.feature_taps) as t_taps:
-        s_split.backbone.eval()(x), t_split.backbone.eval()(x)
-        shapes = [(a.shape, b.shape) for a, b in zip(s_taps.take(), t_taps.take())]
-    for name, (s_shape, t_shape) in zip(s_split.feature_taps, shapes):
+    for (name, s_shape), (_, t_shape) in zip(_tap_shapes(student, scope, imgsz), _tap_shapes(teacher, scope, imgsz)):
         if s_shape != t_shape:
             raise DfbfError(
-                f"Teacher {teacher.name} does not match the student at {name} ({tuple(t_shape)} vs {tuple(s_shape)}): "
-                "give the unpruned model that the student was pruned from."
+                f"Teacher {teacher.name} does not match the student at {name} ({tuple(t_shape)} vs {tuple(s_shape)}) in scope "
+                f"'{scope}': give the unpruned model that the student was pruned from, and the scope it was pruned in."
             )
 
 
@@ -152,21 +100,35 @@ class EpochRecord:
     images_per_second: float
 
 
-StepCallback = Callable[[int, int, int, float, list[float], float], None]  # epoch, step, steps, loss, tap losses, img/s
+def _load_state(state_path: Path, identity: dict) -> dict:
+    """An interrupted run's checkpoint (tensors and plain values only: nothing in it can run code)."""
+    try:
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
+        raise DfbfError(f"{state_path} is not a readable fine-tuning checkpoint ({str(error).splitlines()[0]}); delete it to start over.") from error
+    if not isinstance(state, dict) or not {"model", "optimizer", "generator", "epoch", "identity", "history"} <= state.keys():
+        raise DfbfError(f"{state_path} is not a dfbf fine-tuning checkpoint; delete it to start over.")
+    if state["identity"] != identity:
+        changed = sorted(k for k in {*identity, *state["identity"]} if identity.get(k) != state["identity"].get(k))
+        raise DfbfError(f"{state_path} was made with other fine-tuning inputs or settings ({', '.join(changed)} differ); "
+                        "resume with the same ones, or delete it.")
+    return state
 
 
 def finetune(
-    student: ModelAdapter, teacher: ModelAdapter, images: torch.Tensor, *, settings: FinetuneSettings, device: torch.device,
-    seed: int, state_path: Path, resume: bool = False, on_step: StepCallback | None = None,
+    student: ModelAdapter, teacher: ModelAdapter, images: torch.Tensor, *, settings: FinetuneSettings, scope: Scope, device: torch.device,
+    seed: int, state_path: Path, resume: bool = False, data_id: str = "", on_progress: ProgressCallback = ignore,
 ) -> list[EpochRecord]:
-    """Train ``student``'s backbone in place to mimic ``teacher``'s features on ``images`` (uint8 N×3×H×W)."""
+    """Train ``student``'s pruned scope in place to mimic ``teacher``'s features on ``images`` (uint8 N×3×H×W).
+
+    ``data_id`` identifies the images (a resumed run must train on the same); a loss that stops being
+    finite ends the run with a :class:`DfbfError`, leaving neither model nor checkpoint."""
     settings.validate()
     imgsz = images.shape[-1]
-    check_compatible(student, teacher, imgsz)
-    s_split, t_split = student.split(), teacher.split()
+    check_compatible(student, teacher, imgsz, scope)
+    s_split, t_split = student.split(scope), teacher.split(scope)
     taps = s_split.feature_taps
     weights = tap_weights(settings.tap_weights, len(taps))
-    distance = DISTANCES[settings.loss]
     mixed_precision = autocast(settings.precision, device)
 
     student.model.to(device).requires_grad_(False)
@@ -176,14 +138,13 @@ def finetune(
         p.requires_grad_(True)
     optimizer = _optimizer(params, settings)
     generator = torch.Generator().manual_seed(seed)
+    identity = {**settings.to_dict(), "scope": str(scope), "seed": seed, "data": data_id, "images": len(images)}
     history: list[EpochRecord] = []
     start_epoch = 0
     if state_path.exists():
         if not resume:
             raise DfbfError(f"{state_path} holds an interrupted fine-tuning run: pass --resume to continue it, or delete it.")
-        state = torch.load(state_path, map_location="cpu", weights_only=False)
-        if state["settings"] != asdict(settings):
-            raise DfbfError(f"{state_path} was made with other fine-tuning settings; resume with the same ones or delete it.")
+        state = _load_state(state_path, identity)
         student.model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         generator.set_state(state["generator"])
@@ -194,14 +155,12 @@ def finetune(
     with FeatureTaps(student.model, taps) as s_taps, FeatureTaps(teacher.model, taps) as t_taps:
         for epoch in range(start_epoch, settings.epochs):
             for group in optimizer.param_groups:
-                group["lr"] = _lr_at(settings, epoch)
-            s_split.backbone.train(settings.bn == "train")
+                group["lr"] = _cosine_lr(settings, epoch)
+            s_split.backbone.train(settings.bn == BatchNormMode.TRAIN)
             order = torch.randperm(n, generator=generator)
             started, total, tap_totals = time.perf_counter(), 0.0, torch.zeros(len(taps))
             for step in range(steps):
-                x = images[order[step * batch : (step + 1) * batch]].float().div(255)
-                if settings.augment:
-                    x = augment(x, generator)
+                x = augment(images[order[step * batch : (step + 1) * batch]].float().div(255), generator)
                 if settings.cutmix:
                     x = cutmix(x, generator)
                 x = student.input_spec.normalize(x.to(device))
@@ -210,27 +169,42 @@ def finetune(
                         t_split.backbone(x)
                         targets = t_taps.take()
                     s_split.backbone(x)
-                    losses = torch.stack([distance(s.float(), t.float()) for s, t in zip(s_taps.take(), targets)])
-                loss = sum(w * l for w, l in zip(weights, losses))
+                    loss, losses = weighted_distance(s_taps.take(), targets, weights, settings.loss)
+                if not torch.isfinite(loss):
+                    state_path.unlink(missing_ok=True)  # a diverging run is not worth resuming
+                    raise DfbfError(f"Fine-tuning diverged at epoch {epoch + 1}, step {step + 1} (the loss is {loss.item()}); "
+                                    f"nothing was saved: lower --lr (now {settings.lr:g}).")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 total += loss.item()
                 tap_totals += losses.detach().cpu()
-                if on_step:
-                    on_step(epoch, step + 1, steps, total / (step + 1), (tap_totals / (step + 1)).tolist(),
-                            (step + 1) * batch / (time.perf_counter() - started))
+                rate = (step + 1) * batch / (time.perf_counter() - started)
+                on_progress(ProgressEvent("finetune", epoch + (step + 1) / steps, settings.epochs, {
+                    "epoch": f"{epoch + 1}/{settings.epochs}", "loss": total / (step + 1), "taps": tap_summary((tap_totals / (step + 1)).tolist()),
+                    "img/s": rate}))
+            if not all(math.isfinite(float(p.detach().abs().sum())) for p in params):
+                state_path.unlink(missing_ok=True)
+                raise DfbfError(f"Fine-tuning diverged at epoch {epoch + 1} (the weights are no longer finite); nothing was saved: lower --lr.")
             history.append(EpochRecord(epoch + 1, total / steps, (tap_totals / steps).tolist(), steps * batch / (time.perf_counter() - started)))
             with atomic_path(state_path) as tmp:
                 torch.save({"model": student.model.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                            "epoch": epoch + 1, "settings": asdict(settings), "history": [asdict(r) for r in history]}, tmp)
+                            "epoch": epoch + 1, "identity": identity, "history": [asdict(r) for r in history]}, tmp)
     student.model.eval().requires_grad_(False)
-    reattach_head(student, teacher)
+    reattach_head(student, teacher, scope)
     return history
 
 
-def reattach_head(student: ModelAdapter, teacher: ModelAdapter) -> None:
+def tap_summary(tap_losses: list[float]) -> str:
+    """Loss of the shallow, middle and deep thirds of the taps (or each tap, when there are few)."""
+    if len(tap_losses) <= 3:
+        return " ".join(f"{v:.3f}" for v in tap_losses)
+    thirds = [tap_losses[i * len(tap_losses) // 3 : (i + 1) * len(tap_losses) // 3] for i in range(3)]
+    return "shallow/mid/deep " + "/".join(f"{sum(t) / len(t):.3f}" for t in thirds)
+
+
+def reattach_head(student: ModelAdapter, teacher: ModelAdapter, scope: Scope) -> None:
     """Copy the original head's weights (and buffers) into the student: the head is the teacher's, bit for bit."""
     teacher_modules = dict(teacher.model.named_modules())
-    for name in student.split().head_modules:
+    for name in student.split(scope).head_modules:
         student.model.get_submodule(name).load_state_dict(teacher_modules[name].state_dict())

@@ -20,31 +20,17 @@ import copy
 import math
 import random
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 from torch import nn
 
-from dfbf_cli.adapters.base import BackboneSplit, ModelAdapter
-from dfbf_cli.engine.pruning import ChannelGroup, GroupOutcome, PruneSettings, apply_pruning, prune
-from dfbf_cli.errors import DfbfError
+from dfbf_cli.contract import BackboneSplit, ChannelGroup, ModelAdapter
+from dfbf_cli.engine.progress import ProgressCallback, ProgressEvent, ignore
+from dfbf_cli.engine.pruning import GroupOutcome, apply_pruning, check_head_untouched
+from dfbf_cli.settings import ProgressiveSettings, PruneSettings
 
-STRATEGIES = ("oneshot", "progressive")
 CANDIDATES_PER_CHANNEL = 2  # channels scored per channel to remove in a step
 PROBE_MAX_IMGSZ = 160  # px: the probe is downscaled to this (the backbone is convolutional): scoring speed
-
-
-@dataclass(frozen=True)
-class ProgressiveSettings:
-    steps: int = 8
-    alpha: float = 0.5  # weight of the clean-output impact against the perturbed-output impact
-    perturbation: str = "noise"  # "noise" (Gaussian, σ in [0,1] pixels) or "fgsm" (feature-space, random start)
-    epsilon: float = 0.03
-    probe_images: int = 8
-
-    def validate(self) -> None:
-        if self.steps < 1 or not 0.0 <= self.alpha <= 1.0 or self.perturbation not in {"noise", "fgsm"} or self.probe_images < 2:
-            raise DfbfError("--steps must be ≥ 1, alpha within [0, 1], perturbation noise or fgsm, and at least 2 probe images.")
 
 
 def _conv_and_norm(model: nn.Module, group: ChannelGroup) -> tuple[nn.Conv2d, nn.BatchNorm2d | None, int]:
@@ -100,26 +86,14 @@ def candidates(model: nn.Module, group: ChannelGroup, alive: list[int], count: i
 
 
 class OutputImpact:
-    """How much an edit of the backbone moves its outputs on a clean and a perturbed probe batch."""
+    """How much an edit of the backbone moves its outputs on a clean and a noisy probe batch."""
 
     def __init__(self, split: BackboneSplit, probe: torch.Tensor, settings: ProgressiveSettings, normalize: Callable, seed: int):
         self.split, self.alpha = split, settings.alpha
-        generator = torch.Generator().manual_seed(seed)
-        perturbed = self._perturb(probe, settings, normalize, generator)
-        self.inputs = torch.cat([normalize(probe), perturbed])
+        noise = torch.randn(probe.shape, generator=torch.Generator().manual_seed(seed)) * settings.epsilon
+        self.inputs = torch.cat([normalize(probe), normalize((probe + noise).clamp(0, 1))])
         self.half = len(probe)
         self.reference = self._outputs()
-
-    def _perturb(self, probe, settings, normalize, generator) -> torch.Tensor:
-        noise = torch.randn(probe.shape, generator=generator) * settings.epsilon
-        if settings.perturbation == "noise":
-            return normalize((probe + noise).clamp(0, 1))
-        start = (probe + noise.sign() * settings.epsilon / 2).clamp(0, 1).requires_grad_(True)  # R+FGSM: random start
-        with torch.no_grad():
-            clean = [o.detach() for o in self.split.backbone(normalize(probe))]
-        distance = sum((o - c).pow(2).mean() for o, c in zip(self.split.backbone(normalize(start)), clean))
-        (gradient,) = torch.autograd.grad(distance, start)
-        return normalize((start + settings.epsilon / 2 * gradient.sign()).clamp(0, 1)).detach()
 
     @torch.no_grad()
     def _outputs(self) -> list[torch.Tensor]:
@@ -151,28 +125,25 @@ def _best_edit(model: nn.Module, group: ChannelGroup, channel: int, partner: int
     return scores[survivor], survivor
 
 
-StepCallback = Callable[[int, int, int, float], None]  # step, channels removed so far, channels to remove, last score
-
-
 def progressive_prune(
-    adapter: ModelAdapter, settings: PruneSettings, progressive: ProgressiveSettings, probe: torch.Tensor, *,
-    seed: int, on_step: StepCallback | None = None,
+    adapter: ModelAdapter, settings: PruneSettings, keep: dict[str, int], progressive: ProgressiveSettings, probe: torch.Tensor, *,
+    seed: int, on_progress: ProgressCallback = ignore,
 ) -> tuple[ModelAdapter, list[GroupOutcome]]:
-    """A copy of the model pruned to the same per-group quotas as one-shot pruning, progressively.
+    """A copy of the model pruned to the per-group counts ``keep`` (as one-shot pruning would), progressively.
 
     ``probe`` holds synthetic images in [0, 1] (N×3×H×W); the same seed gives the same model.
     """
-    settings.validate()
     progressive.validate()
     pruned = adapter.with_model(copy.deepcopy(adapter.model).eval().cpu())
-    model, groups = pruned.model, pruned.channel_groups()
-    split = pruned.split()
+    model, groups = pruned.model, pruned.channel_groups(settings.scope)
+    split = pruned.split(settings.scope)
+    check_head_untouched(groups, split.head_modules)
     rng = random.Random(seed)
     probe = probe[: progressive.probe_images].float().cpu()
     if probe.shape[-1] > PROBE_MAX_IMGSZ:
         probe = torch.nn.functional.interpolate(probe, size=(PROBE_MAX_IMGSZ, PROBE_MAX_IMGSZ), mode="bilinear", antialias=True)
     impact = OutputImpact(split, probe, progressive, pruned.input_spec.normalize, seed)
-    quota = {g.name: g.size - settings.keep_count(g.size) for g in groups}
+    quota = {g.name: g.size - keep[g.name] for g in groups}
     alive = {g.name: list(range(g.size)) for g in groups}
     target: dict[str, float | None] = {g.name: None for g in groups}
     total, removed = sum(quota.values()), 0
@@ -182,7 +153,7 @@ def progressive_prune(
             wanted = min(quota[group.name] - done, math.ceil(quota[group.name] * (step + 1) / progressive.steps) - done)
             accepted = 0
             pool = candidates(model, group, alive[group.name], max(wanted * CANDIDATES_PER_CHANNEL, 1)) if wanted > 0 else []
-            scored = sorted((*_best_edit(model, group, c, p, impact), c) for c, p in pool)  # best first
+            scored = sorted(((*_best_edit(model, group, c, p, impact), c) for c, p in pool), key=lambda e: (e[0], e[2]))  # best first
             for score, survivor, channel in scored:
                 if accepted == wanted:
                     break
@@ -197,8 +168,7 @@ def progressive_prune(
                     accepted += 1
                     target[group.name] = score if target[group.name] is None else 0.5 * (target[group.name] + score)
             removed += accepted
-            if on_step:
-                on_step(step + 1, removed, total, target[group.name] or 0.0)
+            on_progress(ProgressEvent("prune", removed, total, {"step": f"{step + 1}/{progressive.steps}", "layer score": target[group.name] or 0.0}))
     leftovers = {g.name: quota[g.name] - (g.size - len(alive[g.name])) for g in groups}
     for group in groups:  # rare: not enough acceptable pairs in the final step; merge the most similar rest
         while leftovers[group.name] > 0:
@@ -209,21 +179,3 @@ def progressive_prune(
     kept = {g.name: torch.tensor(alive[g.name]) for g in groups}
     apply_pruning(model, groups, kept)
     return pruned, [GroupOutcome(g.name, g.stage, g.size, len(alive[g.name])) for g in groups]
-
-
-def check_strategy(strategy: str) -> None:
-    if strategy not in STRATEGIES:
-        raise DfbfError(f"Unknown strategy '{strategy}'; choose {' or '.join(STRATEGIES)}.")
-
-
-def prune_with_strategy(
-    adapter: ModelAdapter, settings: PruneSettings, strategy: str, *, probe: torch.Tensor | None = None,
-    progressive: ProgressiveSettings | None = None, seed: int = 0, on_step: StepCallback | None = None,
-) -> tuple[ModelAdapter, list[GroupOutcome]]:
-    """``oneshot`` (L1 / BN criterion, all at once) or ``progressive`` (needs synthetic probe images)."""
-    check_strategy(strategy)
-    if strategy == "oneshot":
-        return prune(adapter, settings)
-    if probe is None:
-        raise DfbfError("Progressive pruning scores candidates on synthetic images: pass --synthetic DIR (from 'dfbf synthesize').")
-    return progressive_prune(adapter, settings, progressive or ProgressiveSettings(), probe, seed=seed, on_step=on_step)

@@ -1,61 +1,42 @@
-"""Structured filter pruning of the backbone that really removes channels (smaller, faster models).
+"""Structured filter pruning that really removes channels (smaller, faster models).
 
-Adapters describe *where* channels may be removed as :class:`ChannelGroup` s: channels that must go
-together (a conv's filters, its BatchNorm, the matching input slices of every conv that reads them,
-at an offset where the tensor is part of a concatenation). This module decides *how many* channels
-each group keeps (the schedule), *which* (an importance criterion), and cuts them out of the stock
-modules in place, so the result still loads wherever the original did.
+Adapters say *where* channels may go, as :class:`ChannelGroup` s. This module decides *how many*
+each group keeps (a uniform ratio, or a GFLOPs target shared among the groups by an
+:class:`Allocation`), *which* (an importance criterion, kept separate from the pruner), and cuts them
+out of the stock modules in place, so the result still loads wherever the original did.
 """
 
 from __future__ import annotations
 
 import copy
 import math
+import statistics
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
 
-from dfbf_cli.adapters.base import ModelAdapter
+from dfbf_cli.contract import ChannelGroup, ModelAdapter
+from dfbf_cli.engine.features import feature_gap
+from dfbf_cli.engine.progress import ProgressCallback, ProgressEvent, ignore
 from dfbf_cli.errors import DfbfError
+from dfbf_cli.settings import MAX_GROUP_RATIO, Allocation, Criterion, PruneSettings
 
-
-@dataclass(frozen=True)
-class ChannelSlice:
-    """``size`` channels of a module's output (producer) or input (consumer), starting at ``offset``."""
-
-    module: str
-    offset: int = 0
-
-
-@dataclass(frozen=True)
-class ChannelGroup:
-    """Channels pruned together. Producers: Conv2d filters (depthwise convs pass channels through) and
-    BatchNorm2d features; consumers: the input channels of the Conv2d / Linear layers that read them."""
-
-    name: str
-    stage: str
-    size: int
-    producers: tuple[ChannelSlice, ...]
-    consumers: tuple[ChannelSlice, ...]
-
-
-def channel_group(name: str, stage: str, size: int, producers: list[str | ChannelSlice], consumers: list[str | ChannelSlice]) -> ChannelGroup:
-    """Shorthand: plain module names mean offset 0."""
-    as_slices = lambda items: tuple(s if isinstance(s, ChannelSlice) else ChannelSlice(s) for s in items)  # noqa: E731
-    return ChannelGroup(name, stage, size, as_slices(producers), as_slices(consumers))
-
+SENSITIVITY_RATIO = 0.5  # each group is measured pruned alone at this ratio
+WEIGHT_RANGE = (0.25, 4.0)  # a group is pruned between a quarter and four times the common ratio
 
 # -- importance criteria: a score per channel, higher means more important ---------------------------
+
 
 def _first_producer(model: nn.Module, group: ChannelGroup, kind: type[nn.Module]) -> tuple[nn.Module, int]:
     for piece in group.producers:
         module = model.get_submodule(piece.module)
         if isinstance(module, kind):
             return module, piece.offset
-    raise ValueError(f"group {group.name} has no {kind.__name__} producer")
+    raise DfbfError(f"Channel group {group.name} has no {kind.__name__} to score, as --criterion {'bn' if kind is nn.BatchNorm2d else 'l1'} needs; "
+                    "try the other criterion.")
 
 
 def l1_importance(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
@@ -70,51 +51,146 @@ def bn_importance(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
     return bn.weight.detach()[offset : offset + group.size].abs()
 
 
-CRITERIA: dict[str, Callable[[nn.Module, ChannelGroup], torch.Tensor]] = {"l1": l1_importance, "bn": bn_importance}
+CRITERIA: dict[Criterion, Callable[[nn.Module, ChannelGroup], torch.Tensor]] = {Criterion.L1: l1_importance, Criterion.BN: bn_importance}
 
 
-# -- schedule: how many channels each group keeps -------------------------------------------------
-
-def reference_layer_factor(width: int) -> float:
-    """DFBF's reference rule for ``layer-dependent``: prune wide layers more (×1.3 from 500 channels,
-    ×1 above 200, ×0.4 below)."""
-    return 1.3 if width >= 500 else 1.0 if width > 200 else 0.4
+def select_channels(model: nn.Module, group: ChannelGroup, keep: int, criterion: Criterion) -> torch.Tensor:
+    """Indices (sorted) of the ``keep`` most important channels, ties to the lower index."""
+    scores = CRITERIA[criterion](model, group).float().cpu()
+    return torch.argsort(-scores, stable=True)[:keep].sort().values
 
 
-def require_ratio(ratio: float) -> None:
-    """What a user may ask for: 0 < R < 1 (the engine itself also accepts 0, meaning no change)."""
-    if not (0.0 < ratio < 1.0):  # also refuses NaN
-        raise DfbfError(f"--ratio must be between 0 and 1 (exclusive), got {ratio}.")
+# -- how many channels each group keeps ------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class PruneSettings:
-    ratio: float
-    criterion: str = "l1"
-    schedule: str = "uniform"
-    min_channels: int = 8
-    round_to: int = 1
+class FlopModel:
+    """GFLOPs of the model as a function of how many channels each group keeps, without cutting anything:
+    every convolution and linear layer's cost from its widths and (measured once) output size, plus the
+    rest of the model, which pruning does not change. Agrees with torch's FLOP counter (tested)."""
 
-    def validate(self) -> None:
-        if not (0.0 <= self.ratio < 1.0):  # also refuses NaN
-            raise DfbfError(f"Pruning ratio must be at least 0 and below 1, got {self.ratio}.")
-        if self.criterion not in CRITERIA:
-            raise DfbfError(f"Unknown criterion '{self.criterion}'; choose one of {', '.join(CRITERIA)}.")
-        if self.schedule not in {"uniform", "layer-dependent"}:
-            raise DfbfError(f"Unknown schedule '{self.schedule}'; choose uniform or layer-dependent.")
-        if self.min_channels < 1 or self.round_to < 1:
-            raise DfbfError("--min-channels and --round-to must be at least 1.")
+    def __init__(self, model: nn.Module, groups: list[ChannelGroup], example: torch.Tensor):
+        from dfbf_cli.engine.efficiency import gflops
 
-    def keep_count(self, size: int) -> int:
-        """Channels a group of ``size`` keeps: the ratio removed, rounded, never below the floor."""
-        ratio = self.ratio * (reference_layer_factor(size) if self.schedule == "layer-dependent" else 1.0)
-        keep = size - math.floor(size * min(ratio, 0.95))
-        if keep < size and self.round_to > 1:
-            keep = max(self.round_to, round(keep / self.round_to) * self.round_to)
-        return min(size, max(keep, self.min_channels))
+        self.groups = {g.name: g for g in groups}
+        self.layers: dict[str, tuple[nn.Module, int]] = {}
+        hooks = [m.register_forward_hook(self._recorder(n)) for n, m in model.named_modules() if isinstance(m, (nn.Conv2d, nn.Linear))]
+        try:
+            total = gflops(model, example)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        self.fixed = total - self._layer_gflops({})
+
+    def _recorder(self, name: str):
+        def record(module, _inputs, output) -> None:
+            self.layers[name] = (module, output[0, 0].numel() if isinstance(module, nn.Conv2d) else output.numel() // output.shape[-1])
+
+        return record
+
+    def _layer_gflops(self, keep: dict[str, int]) -> float:
+        removed: dict[tuple[str, str], int] = defaultdict(int)
+        for name, kept in keep.items():
+            group = self.groups[name]
+            for side, pieces in (("out", group.producers), ("in", group.consumers)):
+                for piece in pieces:
+                    removed[(piece.module, side)] += group.size - kept
+        flops = 0.0
+        for name, (module, positions) in self.layers.items():
+            if isinstance(module, nn.Linear):
+                flops += 2 * (module.in_features - removed[(name, "in")]) * (module.out_features - removed[(name, "out")]) * positions
+                continue
+            out_channels = module.out_channels - removed[(name, "out")]
+            per_group_in = module.in_channels // module.groups
+            if module.groups > 1:  # depthwise: its channels go with its output
+                in_channels = per_group_in
+            else:
+                in_channels = module.in_channels - removed[(name, "in")]
+            flops += 2 * out_channels * in_channels * math.prod(module.kernel_size) * positions
+        return flops / 1e9
+
+    def gflops(self, keep: dict[str, int]) -> float:
+        return self.fixed + self._layer_gflops(keep)
 
 
-# -- the pruner ------------------------------------------------------------------------------------
+def _floor(group: ChannelGroup, settings: PruneSettings) -> int:
+    """The fewest channels a group may keep."""
+    floor = max(settings.min_channels, math.ceil(group.size * (1 - MAX_GROUP_RATIO)))
+    return min(group.size, -(-floor // settings.round_to) * settings.round_to)
+
+
+def weighted_keep(groups: list[ChannelGroup], ratio: float, settings: PruneSettings, weights: dict[str, float]) -> dict[str, int]:
+    """Each group pruned at ``ratio`` times its weight (1 for all: a uniform ratio)."""
+    return {g.name: replace(settings, ratio=min(ratio * weights.get(g.name, 1.0), MAX_GROUP_RATIO)).keep_count(g.size) for g in groups}
+
+
+def solve_ratio(groups: list[ChannelGroup], flops: FlopModel, budget: float, settings: PruneSettings, weights: dict[str, float]) -> dict[str, int]:
+    """The smallest scale of the (weighted) ratio whose model fits ``budget`` GFLOPs (bisection: keep counts
+    only fall as it rises); where that last step cuts several groups at once, only as many as the budget needs."""
+    top = MAX_GROUP_RATIO / min(w for w in weights.values() if w > 0)
+    if flops.gflops(weighted_keep(groups, top, settings, weights)) > budget:
+        raise _unreachable(flops.gflops(weighted_keep(groups, top, settings, weights)), flops.gflops({}), budget)
+    low, high = 0.0, top
+    for _ in range(50):
+        middle = (low + high) / 2
+        if flops.gflops(weighted_keep(groups, middle, settings, weights)) > budget:
+            low = middle
+        else:
+            high = middle
+    keep, enough = weighted_keep(groups, low, settings, weights), weighted_keep(groups, high, settings, weights)
+    for name in (n for n in enough if enough[n] != keep[n]):
+        if flops.gflops(keep) <= budget:
+            break
+        keep[name] = enough[name]
+    return keep
+
+
+def _unreachable(smallest: float, original: float, budget: float) -> DfbfError:
+    return DfbfError(
+        f"--flops {budget / original:.3g} cannot be reached in this scope: the most that can be pruned leaves "
+        f"{smallest / original:.1%} of the GFLOPs; ask for {math.ceil(smallest / original * 100) / 100:.2f} or more, or --scope trunk."
+    )
+
+
+def sensitivity_weights(
+    adapter: ModelAdapter, groups: list[ChannelGroup], probe: torch.Tensor, flops: FlopModel, settings: PruneSettings, *,
+    device: torch.device, on_progress: ProgressCallback = ignore,
+) -> dict[str, float]:
+    """How much more (or less) than the rest each group should be pruned, measured data-free: each group
+    alone at half its channels, its feature distance to the original on synthetic images per GFLOP saved,
+    against the median group's; weight = (median / own)^½, within [¼, 4]."""
+    cost_per_gflop = {}
+    for index, group in enumerate(groups):
+        keep = max(_floor(group, settings), replace(settings, ratio=SENSITIVITY_RATIO).keep_count(group.size))
+        saved = flops.gflops({}) - flops.gflops({group.name: keep})
+        if keep < group.size and saved > 0:
+            alone = cut(adapter, groups, {group.name: keep}, settings.criterion)
+            cost_per_gflop[group.name] = feature_gap(alone, adapter, probe, scope=settings.scope, device=device) / saved
+        on_progress(ProgressEvent("sensitivity", index + 1, len(groups), {"group": group.name}))
+    median = statistics.median(cost_per_gflop.values())
+    return {name: min(WEIGHT_RANGE[1], max(WEIGHT_RANGE[0], math.sqrt(median / max(cost, 1e-12)))) for name, cost in cost_per_gflop.items()}
+
+
+def plan_keep(
+    adapter: ModelAdapter, settings: PruneSettings, *, imgsz: int, probe: torch.Tensor | None, device: torch.device,
+    on_progress: ProgressCallback = ignore,
+) -> dict[str, int]:
+    """How many channels each group of ``settings.scope`` keeps, for a ratio or a GFLOPs target."""
+    settings.validate()
+    groups = adapter.channel_groups(settings.scope)
+    if settings.ratio is not None:
+        return {g.name: settings.keep_count(g.size) for g in groups}
+    flops = FlopModel(adapter.model.eval().cpu(), groups, torch.zeros(1, adapter.input_spec.channels, imgsz, imgsz))
+    budget = settings.flops * flops.gflops({})
+    weights = {g.name: 1.0 for g in groups}
+    if settings.allocation == Allocation.SENSITIVITY:
+        if probe is None:
+            raise DfbfError("--allocation sensitivity measures each group on synthetic images: pass --synthetic DIR (from 'dfbf synthesize').")
+        weights = {g.name: 0.0 for g in groups} | sensitivity_weights(adapter, groups, probe, flops, settings, device=device, on_progress=on_progress)
+    return solve_ratio(groups, flops, budget, settings, weights)
+
+
+# -- the cutter ------------------------------------------------------------------------------------
+
 
 @dataclass(frozen=True)
 class GroupOutcome:
@@ -122,17 +198,6 @@ class GroupOutcome:
     stage: str
     before: int
     after: int
-
-
-def select_channels(model: nn.Module, group: ChannelGroup, settings: PruneSettings) -> torch.Tensor:
-    """Indices (sorted) of the channels the group keeps: the most important, ties to the lower index."""
-    keep = settings.keep_count(group.size)
-    try:
-        scores = CRITERIA[settings.criterion](model, group).float().cpu()
-    except ValueError as error:
-        raise DfbfError(f"Criterion '{settings.criterion}' does not apply to this model ({error}); try --criterion l1.") from error
-    order = torch.argsort(-scores, stable=True)
-    return order[:keep].sort().values
 
 
 def _width(module: nn.Module, side: str) -> int:
@@ -185,7 +250,7 @@ def apply_pruning(model: nn.Module, groups: list[ChannelGroup], kept: dict[str, 
     """Cut every module once, combining all groups that touch it (concatenations hold several)."""
     cuts: dict[tuple[str, str], list[tuple[int, int, torch.Tensor]]] = defaultdict(list)
     for group in groups:
-        if len(kept[group.name]) == group.size:
+        if group.name not in kept or len(kept[group.name]) == group.size:
             continue
         for side, pieces in (("out", group.producers), ("in", group.consumers)):
             for piece in pieces:
@@ -200,16 +265,30 @@ def apply_pruning(model: nn.Module, groups: list[ChannelGroup], kept: dict[str, 
         slice_module(module, side, mask.nonzero().squeeze(1))
 
 
-def prune(adapter: ModelAdapter, settings: PruneSettings) -> tuple[ModelAdapter, list[GroupOutcome]]:
-    """A pruned copy of the model (the original is untouched) and what happened to each group."""
-    settings.validate()
-    pruned = adapter.with_model(copy.deepcopy(adapter.model))
-    groups = pruned.channel_groups()
-    head = tuple(pruned.split().head_modules)
+def check_head_untouched(groups: list[ChannelGroup], head_modules: list[str]) -> None:
     for group in groups:
         for piece in group.producers + group.consumers:
-            if piece.module == "" or any(piece.module == h or piece.module.startswith(h + ".") for h in head):
-                raise RuntimeError(f"channel group {group.name} reaches into the head ({piece.module})")
-    kept = {g.name: select_channels(pruned.model, g, settings) for g in groups}
-    apply_pruning(pruned.model, groups, kept)
-    return pruned, [GroupOutcome(g.name, g.stage, g.size, len(kept[g.name])) for g in groups]
+            if piece.module == "" or any(piece.module == h or piece.module.startswith(h + ".") for h in head_modules):
+                raise RuntimeError(f"channel group {group.name} reaches into the untouched part ({piece.module})")
+
+
+def cut(adapter: ModelAdapter, groups: list[ChannelGroup], keep: dict[str, int], criterion: Criterion) -> ModelAdapter:
+    """A copy of the model with each named group cut to its keep count by ``criterion`` (others untouched)."""
+    pruned = adapter.with_model(copy.deepcopy(adapter.model))
+    chosen = {name: select_channels(pruned.model, next(g for g in groups if g.name == name), count, criterion)
+              for name, count in keep.items()}
+    apply_pruning(pruned.model, groups, chosen)
+    return pruned
+
+
+def prune(adapter: ModelAdapter, settings: PruneSettings, keep: dict[str, int] | None = None) -> tuple[ModelAdapter, list[GroupOutcome]]:
+    """A pruned copy of the model (the original is untouched) and what happened to each group. ``keep``
+    (channels per group) comes from :func:`plan_keep`; without it, ``settings.ratio`` decides."""
+    groups = adapter.channel_groups(settings.scope)
+    if keep is None:
+        if settings.ratio is None:
+            raise ValueError("a GFLOPs target needs plan_keep() to share it among the groups")
+        keep = {g.name: settings.keep_count(g.size) for g in groups}
+    check_head_untouched(groups, adapter.split(settings.scope).head_modules)
+    pruned = cut(adapter, groups, keep, settings.criterion)
+    return pruned, [GroupOutcome(g.name, g.stage, g.size, keep[g.name]) for g in groups]

@@ -1,8 +1,9 @@
-"""Conventions every command shares: which device, which number format, which seed."""
+"""Conventions every command shares: which device, which number format, which seed, how much memory."""
 
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import re
 
@@ -10,6 +11,7 @@ import numpy as np
 import torch
 
 from dfbf_cli.errors import DfbfError
+from dfbf_cli.settings import Precision
 
 
 def resolve_device(spec: str) -> torch.device:
@@ -30,27 +32,23 @@ def resolve_device(spec: str) -> torch.device:
     return torch.device("cuda", index)
 
 
-PRECISIONS = ("auto", "bf16", "fp32")
-
-
-def resolve_precision(precision: str, device: torch.device) -> str:
+def resolve_precision(precision: Precision, device: torch.device) -> Precision:
     """``bf16`` or ``fp32``. ``auto`` takes bfloat16 where the hardware computes it natively (CUDA with
     bf16, CPUs with AVX512-BF16 or AMX): two thirds of the time or less on this project's CPU, same
     recovery (docs/finetune.md, "Precision")."""
-    if precision not in PRECISIONS:
-        raise DfbfError(f"Unknown --precision '{precision}'; choose one of {', '.join(PRECISIONS)}.")
-    if precision != "auto":
+    precision = Precision(precision)
+    if precision != Precision.AUTO:
         return precision
     if device.type == "cuda":
         native = torch.cuda.is_bf16_supported()
     else:  # private probes (torch >= 2.2); absent ones count as "no"
         native = any(getattr(torch.cpu, probe, lambda: False)() for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-    return "bf16" if native else "fp32"
+    return Precision.BF16 if native else Precision.FP32
 
 
-def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+def autocast(precision: Precision, device: torch.device) -> contextlib.AbstractContextManager:
     """The forward passes' context: bfloat16 autocast, or nothing (fp32). Reusable; weights stay fp32."""
-    if resolve_precision(precision, device) == "bf16":
+    if resolve_precision(precision, device) == Precision.BF16:
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -59,3 +57,17 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
     torch.manual_seed(seed)
+
+
+def free_memory_bytes(device: torch.device) -> int:
+    """Memory a job may use on ``device``: free GPU memory, or the system's available memory."""
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")

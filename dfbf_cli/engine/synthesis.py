@@ -15,16 +15,18 @@ import math
 import random
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from dfbf_cli.adapters.base import IMAGENET, BackboneSplit, InputSpec, ModelAdapter
-from dfbf_cli.engine.runtime import autocast, resolve_precision
+from dfbf_cli.contract import IMAGENET, BackboneSplit, InputSpec, ModelAdapter
+from dfbf_cli.engine.progress import ProgressCallback, ProgressEvent, ignore
+from dfbf_cli.engine.runtime import autocast
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
+from dfbf_cli.settings import Precision, SynthesisSettings
 
 REFERENCE_IMGSZ = 224  # jitter is given in pixels at this size and scaled with the image size
 # The images are optimised in one pixel scale whatever the model's own input normalisation, so the
@@ -32,26 +34,6 @@ REFERENCE_IMGSZ = 224  # jitter is given in pixels at this size and scaled with 
 # DeepInversion's settings were tuned for. (A YOLO model takes raw [0, 1] pixels; optimising in its
 # input space made every step four times larger and the noise start saturated.)
 PIXEL_SCALE = IMAGENET
-
-
-@dataclass(frozen=True)
-class SynthesisSettings:
-    """Everything that decides what images come out (recorded in the dataset's manifest)."""
-
-    low_res_iterations: int = 200
-    iterations: int = 200
-    lr: float = 0.25
-    betas: tuple[float, float] = (0.5, 0.9)
-    bn_weight: float = 0.01
-    first_bn_multiplier: float = 10.0
-    tv_l2: float = 1e-4
-    l2: float = 1e-5
-    jitter: int = 30
-    flip: bool = True
-    class_weight: float = 1.0  # cross-entropy towards target labels (classifiers only; 0 disables)
-
-    def to_dict(self) -> dict:
-        return {**asdict(self), "betas": list(self.betas)}
 
 
 class BatchNormStatsLoss(contextlib.AbstractContextManager):
@@ -111,7 +93,7 @@ StepCallback = Callable[[int, float], None]  # (iterations done in this shard, c
 
 def synthesize_batch(
     split: BackboneSplit, spec: InputSpec, settings: SynthesisSettings, *, count: int, imgsz: int, seed: int,
-    device: torch.device, precision: str = "auto", labels: torch.Tensor | None = None, on_step: StepCallback | None = None,
+    device: torch.device, precision: Precision = Precision.FP32, labels: torch.Tensor | None = None, on_step: StepCallback | None = None,
 ) -> tuple[torch.Tensor, dict]:
     """Optimise ``count`` images from noise; return them as uint8 N×3×H×W and loss statistics."""
     generator = torch.Generator().manual_seed(seed)
@@ -121,8 +103,7 @@ def synthesize_batch(
     upper = PIXEL_SCALE.normalize(torch.ones(1, 3, 1, 1, device=device))
     to_model = _rescaling(PIXEL_SCALE, spec, x)
     jitter = max(1, round(settings.jitter * imgsz / REFERENCE_IMGSZ)) if settings.jitter else 0
-    arithmetic = resolve_precision(precision, device)
-    mixed_precision = autocast(arithmetic, device)
+    mixed_precision = autocast(precision, device)
     phases = [(2, settings.low_res_iterations), (1, settings.iterations)]
     phases = [(factor, n) for factor, n in phases if n > 0]
     best, best_loss, done = x.detach().clone(), math.inf, 0
@@ -159,7 +140,7 @@ def synthesize_batch(
                     on_step(done, loss.item())
         bn_end = _bn_loss(split, bn, to_model(best), mixed_precision)
     images = PIXEL_SCALE.denormalize(best).clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
-    return images, {"bn_loss_start": bn_start, "bn_loss_end": bn_end, "best_loss": best_loss, "precision": arithmetic}
+    return images, {"bn_loss_start": bn_start, "bn_loss_end": bn_end, "best_loss": best_loss}
 
 
 def _rescaling(source: InputSpec, target: InputSpec, like: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -194,6 +175,7 @@ class SynthesisPlan:
     dataset: SyntheticDataset
     settings: SynthesisSettings
     seed: int
+    precision: Precision
     classes: int | None
     shard_sizes: list[int]
 
@@ -203,48 +185,47 @@ class SynthesisPlan:
 
 
 def plan_synthesis(
-    adapter: ModelAdapter, out: Path, *, num_images: int, imgsz: int, batch: int, settings: SynthesisSettings, seed: int
+    adapter: ModelAdapter, out: Path, *, num_images: int, imgsz: int, batch: int, settings: SynthesisSettings, seed: int,
+    precision: Precision,
 ) -> SynthesisPlan:
-    """Open (or continue) the dataset at ``out`` and work out which shards are still to be made."""
+    """Open (or continue) the dataset at ``out`` and work out which shards are still to be made.
+    ``precision`` is resolved (bf16 or fp32): images made in another one are not appended."""
     classes = adapter.synthesis_classes() if settings.class_weight > 0 else None
     if classes is None:
         settings = replace(settings, class_weight=0.0)
     dataset = SyntheticDataset.create_or_resume(
         out,
         teacher={"name": adapter.name, "family": adapter.family, "task": adapter.task, "fingerprint": adapter.fingerprint()},
-        input_spec=adapter.input_spec.to_dict(), imgsz=imgsz, generation={**settings.to_dict(), "seed": seed},
+        input_spec=adapter.input_spec.to_dict(), imgsz=imgsz,
+        generation={**settings.to_dict(), "seed": seed, "batch": batch, "precision": str(precision)},
     )
     remaining = max(0, num_images - dataset.num_images)
     sizes = [min(batch, remaining - start) for start in range(0, remaining, batch)]
     if len(sizes) > 1 and sizes[-1] == 1:  # a lone image has no batch statistics: join it to the previous shard
         sizes[-2:] = [sizes[-2] + 1]
-    return SynthesisPlan(dataset, settings, seed, classes, sizes)
+    return SynthesisPlan(dataset, settings, seed, precision, classes, sizes)
 
 
-def run_synthesis(
-    adapter: ModelAdapter, plan: SynthesisPlan, *, device: torch.device, precision: str = "auto",
-    on_step: Callable[[int, int, float, float], None] | None = None,
-) -> SyntheticDataset:
-    """Make the planned shards one by one; each is on disk (and in the manifest) once finished.
-
-    ``on_step(shard_number, iterations_done, loss, image_iterations_per_second)`` reports progress.
-    """
+def run_synthesis(adapter: ModelAdapter, plan: SynthesisPlan, *, device: torch.device, on_progress: ProgressCallback = ignore) -> SyntheticDataset:
+    """Make the planned shards one by one; each is on disk (and in the manifest) once finished."""
     dataset, classes = plan.dataset, plan.classes
     split = adapter.split()
     adapter.model.to(device)
+    steps = plan.settings.low_res_iterations + plan.settings.iterations
     for number, count in enumerate(plan.shard_sizes):
         index = len(dataset.manifest["shards"])
         labels = balanced_labels(dataset.num_images, count, classes).to(device) if classes else None
         started = time.perf_counter()
 
         def report(done: int, loss: float, number=number, count=count, started=started) -> None:
-            if on_step:
-                on_step(number, done, loss, count * done / max(time.perf_counter() - started, 1e-9))
+            on_progress(ProgressEvent("synthesize", number * steps + done, plan.total_iterations, {
+                "batch": f"{number + 1}/{len(plan.shard_sizes)}", "it": f"{done}/{steps}", "loss": loss,
+                "img·it/s": count * done / max(time.perf_counter() - started, 1e-9)}))
 
         images, stats = synthesize_batch(
             split, adapter.input_spec, plan.settings, count=count, imgsz=dataset.imgsz, seed=shard_seed(plan.seed, index),
-            device=device, precision=precision, labels=labels, on_step=report,
+            device=device, precision=plan.precision, labels=labels, on_step=report,
         )
-        stats["seconds"] = round(time.perf_counter() - started, 3)
+        stats["seconds"], stats["precision"] = round(time.perf_counter() - started, 3), str(plan.precision)
         dataset.add_shard(images, None if labels is None else labels.cpu(), stats)
     return dataset

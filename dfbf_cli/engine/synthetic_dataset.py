@@ -13,17 +13,18 @@ run leaves a valid dataset of its finished shards, and the next run continues fr
 
 from __future__ import annotations
 
-import json
+import hashlib
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from dfbf_cli import __version__
-from dfbf_cli.engine.files import atomic_path, sha256_file
+from dfbf_cli.engine.files import atomic_path, read_json, sha256_file, write_json
 from dfbf_cli.errors import DfbfError
 
 FORMAT = "dfbf-synthetic"
@@ -31,6 +32,8 @@ FORMAT_VERSION = 1
 MANIFEST = "dataset.json"
 PREVIEW = "preview.png"
 PREVIEW_IMAGES = 16
+SHARD_NAME = re.compile(r"shard-\d{5}\.safetensors")
+REQUIRED = {"teacher": dict, "input_spec": dict, "imgsz": int, "generation": dict, "shards": list}
 
 
 @dataclass
@@ -39,6 +42,7 @@ class SyntheticDataset:
 
     root: Path
     manifest: dict
+    verified: bool = False  # every shard checked against the manifest in this process
 
     @property
     def num_images(self) -> int:
@@ -59,7 +63,8 @@ class SyntheticDataset:
         """Open ``root`` to add shards: new if empty, resumed if it holds the same generation settings."""
         if (root / MANIFEST).exists():
             dataset = cls.open(root)
-            dataset.check_teacher(teacher["fingerprint"], allow_mismatch=False)
+            if dataset.fingerprint != teacher["fingerprint"]:
+                raise DfbfError(f"{root} holds a dataset synthesised from {dataset.manifest['teacher'].get('name')}, another model; use another --out.")
             previous = dataset.manifest["generation"]
             if previous != generation or dataset.imgsz != imgsz:
                 changed = sorted(k for k in {*previous, *generation} if previous.get(k) != generation.get(k))
@@ -77,7 +82,7 @@ class SyntheticDataset:
             "format": FORMAT, "format_version": FORMAT_VERSION, "dfbf_version": __version__,
             "teacher": teacher, "input_spec": input_spec, "imgsz": imgsz, "generation": generation, "shards": [],
         }
-        dataset = cls(root, manifest)
+        dataset = cls(root, manifest, verified=True)
         dataset._write_manifest()
         return dataset
 
@@ -96,8 +101,7 @@ class SyntheticDataset:
 
     def _write_manifest(self) -> None:
         self.manifest["num_images"] = self.num_images
-        with atomic_path(self.root / MANIFEST) as tmp:
-            tmp.write_text(json.dumps(self.manifest, indent=2) + "\n")
+        write_json(self.root / MANIFEST, self.manifest)
 
     def _write_preview(self) -> None:
         from torchvision.utils import save_image
@@ -110,44 +114,73 @@ class SyntheticDataset:
 
     @classmethod
     def open(cls, root: Path) -> SyntheticDataset:
+        """Read and check the manifest as a whole (not the shards' contents: :meth:`verify` does that)."""
         path = Path(root) / MANIFEST
         if not path.is_file():
             raise DfbfError(f"{root} is not a dfbf synthetic dataset (no {MANIFEST}); create one with 'dfbf synthesize'.")
-        try:
-            manifest = json.loads(path.read_text())
-        except json.JSONDecodeError as error:
-            raise DfbfError(f"{path} is not valid JSON ({error}); the dataset's manifest is damaged.") from error
-        if manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
-            raise DfbfError(
-                f"{path} is format {manifest.get('format')} v{manifest.get('format_version')}; "
-                f"this dfbf reads {FORMAT} v{FORMAT_VERSION}."
-            )
+        manifest = read_json(path, "the dataset's manifest")
+        if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or manifest.get("format_version") != FORMAT_VERSION:
+            found = manifest if not isinstance(manifest, dict) else f"{manifest.get('format')} v{manifest.get('format_version')}"
+            raise DfbfError(f"{path} is format {found}; this dfbf reads {FORMAT} v{FORMAT_VERSION}.")
+        for key, kind in REQUIRED.items():
+            if not isinstance(manifest.get(key), kind):
+                raise DfbfError(f"{path} is damaged: '{key}' is missing or not a {kind.__name__}; regenerate the dataset.")
+        if not isinstance(manifest["teacher"].get("fingerprint"), str) or manifest["imgsz"] < 1:
+            raise DfbfError(f"{path} is damaged: the teacher's fingerprint or the image size is missing; regenerate the dataset.")
+        for number, shard in enumerate(manifest["shards"]):
+            if not isinstance(shard, dict) or not isinstance(shard.get("count"), int) or shard["count"] < 1 or not isinstance(shard.get("sha256"), str):
+                raise DfbfError(f"{path} is damaged: shard entry {number} lacks a count or checksum; regenerate the dataset.")
+            if not isinstance(shard.get("file"), str) or not SHARD_NAME.fullmatch(shard["file"]):
+                raise DfbfError(f"{path} names a shard file {shard.get('file')!r} that is not a shard of this folder; the manifest is not to be trusted.")
+        if manifest.get("num_images", sum(s["count"] for s in manifest["shards"])) != sum(s["count"] for s in manifest["shards"]):
+            raise DfbfError(f"{path} is damaged: its image count disagrees with its shards; regenerate the dataset.")
         return cls(Path(root), manifest)
 
-    def check_teacher(self, fingerprint: str, *, allow_mismatch: bool) -> None:
-        """Refuse a dataset dreamt up by another model, unless the user explicitly allows it."""
-        if fingerprint != self.fingerprint and not allow_mismatch:
+    def content_id(self) -> str:
+        """Identifies what the dataset holds (its shards' checksums): a fine-tuning run resumes only on the same images."""
+        return hashlib.sha256("".join(shard["sha256"] for shard in self.manifest["shards"]).encode()).hexdigest()
+
+    def check_teacher(self, fingerprint: str, *, allow_mismatch: bool, override: str | None = "--allow-teacher-mismatch",
+                      lineage: str | None = None) -> None:
+        """Refuse a dataset dreamt up by another model (than ``fingerprint``, or the original ``lineage`` it was
+        pruned from), unless the user explicitly allows it (with ``override``)."""
+        if self.fingerprint not in (fingerprint, lineage) and not allow_mismatch:
             made_by = self.manifest["teacher"].get("name", "another model")
-            raise DfbfError(
-                f"{self.root} was synthesised from {made_by} (fingerprint {self.fingerprint[:12]}…), not from this "
-                f"model ({fingerprint[:12]}…); pass --allow-teacher-mismatch to use it anyway."
-            )
+            advice = f"pass {override} to use it anyway" if override else "synthesise a dataset from this model"
+            raise DfbfError(f"{self.root} was synthesised from {made_by} (fingerprint {self.fingerprint[:12]}…), not from this "
+                            f"model ({fingerprint[:12]}…); {advice}.")
 
     def verify(self) -> None:
-        """Check every shard against its recorded sha256; name the first one that is damaged."""
+        """Check every shard against the manifest: present, same checksum, images of the recorded count,
+        dtype and size (labels likewise); name the first one that is not."""
+        with_labels = set()
         for shard in self.manifest["shards"]:
             path = self.root / shard["file"]
             if not path.is_file():
                 raise DfbfError(f"Shard {path} is listed in {MANIFEST} but missing.")
             if sha256_file(path) != shard["sha256"]:
                 raise DfbfError(f"Shard {path} is corrupt or truncated (checksum mismatch); delete the dataset or regenerate it.")
+            expected = {"images": ([shard["count"], 3, self.imgsz, self.imgsz], "U8"), "labels": ([shard["count"]], "I64")}
+            try:
+                with safe_open(str(path), framework="pt") as handle:
+                    keys = set(handle.keys())
+                    found = {k: (handle.get_slice(k).get_shape(), handle.get_slice(k).get_dtype()) for k in keys}
+            except (SafetensorError, OSError) as error:
+                raise DfbfError(f"Shard {path} cannot be read: {error}.") from error
+            if "images" not in keys or not keys <= expected.keys() or any(found[k] != expected[k] for k in keys):
+                raise DfbfError(f"Shard {path} does not hold what {MANIFEST} says ({shard['count']} uint8 images of 3×{self.imgsz}×{self.imgsz}); "
+                                "the dataset is not to be trusted: regenerate it.")
+            with_labels.add("labels" in keys)
+        if len(with_labels) > 1:
+            raise DfbfError(f"{self.root}: some shards have labels and others not; regenerate the dataset.")
+        self.verified = True
 
     def shards(self, *, verify: bool = True) -> Iterator[dict[str, torch.Tensor]]:
-        """Each shard's tensors (``images`` and maybe ``labels``), checked against its checksum."""
+        """Each shard's tensors (``images`` and maybe ``labels``), the dataset verified first (once)."""
+        if verify and not self.verified:
+            self.verify()
         for shard in self.manifest["shards"]:
             path = self.root / shard["file"]
-            if verify and (not path.is_file() or sha256_file(path) != shard["sha256"]):
-                raise DfbfError(f"Shard {path} is missing, corrupt or truncated (checksum mismatch).")
             try:
                 yield load_file(str(path))
             except (SafetensorError, OSError) as error:

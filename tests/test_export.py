@@ -1,0 +1,143 @@
+"""Data-free INT8: exports to OpenVINO and ONNX calibrated on synthetic images, scored by dfbf eval and,
+for YOLO, usable by stock Ultralytics without dfbf."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from dfbf_cli.adapters import load_model
+from dfbf_cli.engine.export import calibration_images
+from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
+from tests.fixtures import labelled_npz
+
+pytest.importorskip("openvino", reason="needs the export extra: pip install 'dfbf[export]'")
+pytest.importorskip("onnxruntime", reason="needs the export extra: pip install 'dfbf[export]'")
+QUIET = ["--device", "cpu", "-q"]
+
+
+def _json(result) -> dict:
+    assert result.code == 0, result.stderr[-3000:]
+    return json.loads(result.stdout)
+
+
+@pytest.fixture(scope="module")
+def r20_synthetic(tmp_path_factory):
+    """A random ResNet-20 and 8 synthetic images of it."""
+    from dfbf_cli.engine.synthesis import plan_synthesis, run_synthesis
+    from dfbf_cli.settings import Precision, SynthesisSettings
+    from tests.conftest import random_cifar
+
+    folder = tmp_path_factory.mktemp("export")
+    spec = random_cifar(folder, 20)
+    adapter = load_model(spec[0], spec[2])
+    plan = plan_synthesis(adapter, folder / "synth", num_images=8, imgsz=32, batch=4, settings=SynthesisSettings(0, 3), seed=0, precision=Precision.FP32)
+    run_synthesis(adapter, plan, device=torch.device("cpu"))
+    return spec, folder / "synth"
+
+
+def test_calibration_images_are_spread_across_the_synthetic_set(r20_synthetic):
+    _, synthetic = r20_synthetic
+    dataset = SyntheticDataset.open(synthetic)
+    every, few = calibration_images(dataset), calibration_images(dataset, limit=3)
+    assert every.shape == (8, 3, 32, 32) and every.dtype == torch.uint8
+    assert torch.equal(few, every[[0, 4, 7]])  # first, middle, last: both shards
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fmt", ["openvino", "onnx"])
+def test_classifier_exports_int8_and_agrees_with_itself(run_cli, tmp_path, r20_synthetic, fmt):
+    spec, synthetic = r20_synthetic
+    out = tmp_path / ("r20_int8_openvino_model" if fmt == "openvino" else "r20-int8.onnx")
+    made = _json(run_cli("export", *spec, "--format", fmt, "--int8", "--synthetic", synthetic, "--out", out, "--json", *QUIET))
+    assert made["int8"] and out.exists()
+    data = labelled_npz(tmp_path / "test.npz")
+    report = _json(run_cli("eval", *spec[:1], "--weights", spec[2], "--data", data, "--json", "--latency-runs", "2", *QUIET))
+    exported = _json(run_cli("eval", out, "--data", data, "--json", "--latency-runs", "2", *QUIET))
+    original, int8 = report["models"][0], exported["models"][0]
+    assert int8["efficiency"]["params"] == original["efficiency"]["params"] and int8["efficiency"]["gflops"] == original["efficiency"]["gflops"]
+    assert int8["efficiency"]["file_mb"] < 0.5 * original["efficiency"]["file_mb"]  # 8-bit weights
+    teacher = ["--teacher", spec[0], "--teacher-weights", spec[2]]
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    from PIL import Image
+
+    for i, image in enumerate(SyntheticDataset.open(synthetic).load()[0]):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(photos / f"s{i}.png")
+    agreement = _json(run_cli("eval", out, *teacher, "--data", photos, "--json", "--latency-runs", "1", *QUIET))
+    assert agreement["models"][0]["metrics"]["agreement_top1"] >= 50  # INT8 follows its FP32 original on its own images
+
+
+@pytest.mark.slow
+def test_yolo_int8_openvino_export_is_a_stock_ultralytics_model(run_cli, tmp_path, random_pose):
+    model, data = random_pose
+    synthetic = tmp_path / "synth"
+    assert run_cli("synthesize", model, "--out", synthetic, "--num-images", "4", "--batch", "4", "--iterations", "2", "--low-res-iterations", "0",
+                   *QUIET).code == 0
+    out = tmp_path / "pose_int8_openvino_model"
+    _json(run_cli("export", model, "--format", "openvino", "--int8", "--synthetic", synthetic, "--out", out, "--json", *QUIET))
+    assert (out / "model.xml").exists() and (out / "dfbf.json").exists()
+    record = json.loads((out / "dfbf.json").read_text())
+    assert record["precision"] == "int8" and record["calibration"]["images"] == 4
+    scored = _json(run_cli("eval", out, "--data", data, "--json", "--latency-runs", "1", *QUIET))
+    assert set(scored["models"][0]["metrics"]) == {"pose_map50_95", "pose_map50", "box_map50_95", "box_map50"}
+    script = (
+        "import sys, numpy as np\n"
+        "from ultralytics import YOLO\n"
+        f"model = YOLO({str(out)!r})\n"
+        "results = model.predict(np.zeros((64, 64, 3), np.uint8), imgsz=64, verbose=False)\n"
+        f"metrics = model.val(data={str(data)!r}, imgsz=64, batch=1, plots=False, verbose=False, workers=0)\n"
+        "assert 'dfbf_cli' not in sys.modules and results[0].keypoints is not None\n"
+        "print('pose-map', metrics.results_dict['metrics/mAP50-95(P)'])\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=data.parent)
+    assert done.returncode == 0 and "pose-map" in done.stdout, done.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_compress_exports_the_compressed_model_and_scores_it_beside_the_others(run_cli, tmp_path, random_r20):
+    data = labelled_npz(tmp_path / "test.npz")
+    report = _json(run_cli("compress", *random_r20, "--ratio", "0.5", "--preset", "quick", "--num-images", "8", "--epochs", "1", "--data", data,
+                           "--export", "onnx", "--int8", "--out", tmp_path / "run", "--json", *QUIET))
+    assert (tmp_path / "run" / "compressed-int8.onnx").exists()
+    assert list(report["models"]) == ["original", "pruned", "compressed", "compressed INT8 onnx"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--format", "tflite"], "'tflite' is not one of"),
+        (["--format", "openvino", "--int8"], "--int8 needs calibration images"),
+        (["--format", "onnx", "--synthetic", "{synthetic}"], "add --int8"),
+        (["--format", "onnx", "--int8", "--synthetic", "{other}"], "--allow-teacher-mismatch"),
+        (["--format", "onnx", "--out", "{folder}"], "existing directory"),
+        (["--format", "openvino", "--out", "{folder}"], "not a dfbf export"),
+    ],
+)
+def test_export_mistakes_exit_2_and_write_nothing(run_cli, tmp_path, r20_synthetic, args, message):
+    spec, synthetic = r20_synthetic
+    from tests.conftest import random_cifar
+    from tests.test_hardening import _synthesize
+
+    other = _synthesize(random_cifar(tmp_path, 56), tmp_path / "other")
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "folder" / "mine.txt").write_text("a user's file")
+    before = sorted(p.name for p in tmp_path.iterdir())
+    paths = {"synthetic": synthetic, "other": other, "folder": tmp_path / "folder"}
+    result = run_cli("export", *spec, *[a.format(**paths) for a in args], *QUIET)
+    assert result.code == 2 and message in result.stderr and "Traceback" not in result.stderr, result.stderr[-2000:]
+    assert sorted(p.name for p in tmp_path.iterdir()) == before and (tmp_path / "folder" / "mine.txt").read_text() == "a user's file"
+
+
+def test_a_missing_runtime_names_the_extra_to_install(run_cli, r20_synthetic, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "nncf" else real(name, *a))
+    spec, synthetic = r20_synthetic
+    result = run_cli("export", *spec, "--format", "openvino", "--int8", "--synthetic", synthetic, *QUIET)
+    assert result.code == 2 and "nncf" in result.stderr and 'pip install "dfbf[export]"' in result.stderr
