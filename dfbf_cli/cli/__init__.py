@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 import traceback
 from typing import Annotated
@@ -56,7 +57,8 @@ def main() -> None:
     try:
         app()
     except DfbfError as error:
-        errors.print(f"[bold red]Error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank meets the same mistake: rank 0 says it
+            errors.print(f"[bold red]Error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
         sys.exit(error.exit_code)
     except Exception:
         traceback.print_exc()

@@ -114,13 +114,17 @@ def _route_logs(quiet: bool) -> None:
 @contextlib.contextmanager
 def session(*, device: str, seed: int, quiet: bool, json_mode: bool) -> Iterator[Session]:
     """Set up a command's conventions: logs and library output on stderr, the result on stdout."""
+    from dfbf_cli.engine.distributed import launched, process_group
     from dfbf_cli.engine.runtime import resolve_device, seed_everything
 
     real_stdout = sys.stdout
+    speaker = launched().main  # under torchrun, only rank 0 prints
+    quiet = quiet or not speaker
     _route_logs(quiet)
     seed_everything(seed)
-    ctx = Session(resolve_device(device), quiet, json_mode, Console(stderr=True) if json_mode else Console(file=real_stdout), _stdout=real_stdout)
-    with contextlib.redirect_stdout(sys.stderr):
+    results = Console(stderr=True, quiet=not speaker) if json_mode else Console(file=real_stdout, quiet=not speaker)
+    ctx = Session(resolve_device(device), quiet, json_mode and speaker, results, _stdout=real_stdout)
+    with process_group(ctx.device), contextlib.redirect_stdout(sys.stderr):
         yield ctx
 
 

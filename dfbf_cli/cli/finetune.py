@@ -86,6 +86,7 @@ def finetune_command(
     """
     with session(device=device, seed=seed, quiet=quiet, json_mode=json_output) as ctx:
         from dfbf_cli.adapters import load_model
+        from dfbf_cli.engine.distributed import current
         from dfbf_cli.engine.efficiency import check_imgsz
         from dfbf_cli.engine.files import Output, check_outputs
         from dfbf_cli.engine.finetune import check_compatible, finetune, fitting_scope
@@ -119,8 +120,9 @@ def finetune_command(
         with ctx.progress() as show:
             history = finetune(student, original, images, settings=settings, scope=scope, device=ctx.device, seed=seed, state_path=state_path,
                                resume=resume, data_id=dataset.content_id(), on_progress=show)
-        student.save(path)
-        state_path.unlink(missing_ok=True)
+        if current().main:  # under torchrun, rank 0 writes the one checkpoint
+            student.save(path)
+            state_path.unlink(missing_ok=True)
         ctx.say(f"Fine-tuned model written to {path} (final feature loss {history[-1].loss:.4f}).")
         ctx.emit({"command": "finetune", "out": str(path), "scope": str(scope), "settings": settings.to_dict(),
                   "history": [vars(r) for r in history]})

@@ -72,6 +72,7 @@ def prune_command(
 
         from dfbf_cli.adapters import load_model
         from dfbf_cli.cli.tables import stage_table, summary_table
+        from dfbf_cli.engine.distributed import current
         from dfbf_cli.engine.efficiency import check_imgsz, measure_efficiency
         from dfbf_cli.engine.files import Output, check_outputs
         from dfbf_cli.engine.progressive import progressive_prune
@@ -110,7 +111,7 @@ def prune_command(
             else:
                 pruned, outcomes = prune(original, settings, keep)
         before, after = measure_efficiency([(original, size), (pruned, size)], device=ctx.device, runs=latency_runs)
-        if path is not None:
+        if path is not None and current().main:
             pruned.save(path)
         ctx.results.print(stage_table(outcomes))
         ctx.results.print(summary_table(before, after))

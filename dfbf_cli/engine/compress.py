@@ -29,6 +29,7 @@ import torch
 
 from dfbf_cli import __version__
 from dfbf_cli.contract import EvalData, ImageFolder, ModelAdapter
+from dfbf_cli.engine.distributed import barrier, current
 from dfbf_cli.engine.efficiency import check_imgsz, example_input, gflops
 from dfbf_cli.engine.evaluate import Candidate, ModelReport, Verdict, check_evaluation, equal_cost_imgsz, evaluate_models, watched_metric
 from dfbf_cli.engine.export import check_packages, default_path
@@ -226,7 +227,8 @@ def _keep(plan: CompressPlan, dataset: SyntheticDataset, on_progress: ProgressCa
         return read_json(plan.run.pruning, "the pruning plan")["keep"]
     probe = dataset.probe(plan.progressive.probe_images).to(plan.device)
     keep = plan_keep(plan.original, plan.prune, imgsz=plan.original.input_spec.imgsz, probe=probe, device=plan.device, on_progress=on_progress)
-    write_json(plan.run.pruning, {"keep": keep})
+    if current().main:
+        write_json(plan.run.pruning, {"keep": keep})
     return keep
 
 
@@ -267,24 +269,33 @@ def _distilled(plan: CompressPlan, keep: dict[str, int], pruned: ModelAdapter, d
         records = finetune(student, original, images, settings=settings, scope=plan.prune.scope, device=plan.device, seed=plan.seed + k - 1,
                            state_path=run.finetune_state, resume=True, data_id=dataset.content_id(), on_progress=on_progress)
         history += [replace(r, epoch=len(history) + r.epoch) for r in records]
-        student.save(done)
-        write_json(run.history, [vars(r) for r in history])
-        run.finetune_state.unlink(missing_ok=True)
+        if current().main:
+            student.save(done)
+            write_json(run.history, [vars(r) for r in history])
+            run.finetune_state.unlink(missing_ok=True)
+        barrier()
     return student, history
 
 
 def compress(plan: CompressPlan, *, on_progress: ProgressCallback = ignore) -> CompressResult:
     """Run the plan's stages, reusing every artefact the run directory already holds."""
-    run, original = plan.run, plan.original
-    run.start(plan.request)
+    run, original, world = plan.run, plan.original, current()
+    barrier()  # every rank has checked the run directory before rank 0 writes into it
+    if world.main:
+        run.start(plan.request)
     dataset = plan.synthetic or _synthesize(plan, run.synthetic, plan.num_images, plan.seed, on_progress)
     keep = _keep(plan, dataset, on_progress)
     if run.pruned.exists():
         pruned = original.reload(run.pruned)
     else:
         pruned = _pruned(plan, original, keep, dataset, on_progress)
-        pruned.save(run.pruned)
+        if world.main:
+            pruned.save(run.pruned)
     compressed, history = _distilled(plan, keep, pruned, dataset, on_progress)
+    count = min(HOLDOUT_IMAGES, max(2, plan.num_images // 4))
+    holdout = _synthesize(plan, run.holdout, count, plan.seed + HOLDOUT_SEED_OFFSET, on_progress).load()[0].float() / 255
+    if not world.main:  # under torchrun, rank 0 alone exports, evaluates and reports
+        return CompressResult(run, {}, [], None, None)
     exported = None
     if plan.export is not None:
         target = run.exported(plan.export, plan.int8)
@@ -292,8 +303,6 @@ def compress(plan: CompressPlan, *, on_progress: ProgressCallback = ignore) -> C
             log.info("Exporting the compressed model to %s%s.", plan.export, " INT8, calibrated on the synthetic images" if plan.int8 else "")
             export_model(compressed, plan.export, target, imgsz=original.input_spec.imgsz, calibration=dataset if plan.int8 else None)
         exported = compressed.load_export(target)
-    count = min(HOLDOUT_IMAGES, max(2, plan.num_images // 4))
-    holdout = _synthesize(plan, run.holdout, count, plan.seed + HOLDOUT_SEED_OFFSET, on_progress).load()[0].float() / 255
     fidelity = {stage: feature_gap(model, original, holdout, scope=plan.prune.scope, device=plan.device)
                 for stage, model in (("pruned", pruned), ("compressed", compressed))}
     reports, baseline, verdict = _evaluate(plan, pruned, compressed, exported, on_progress)

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfbf_cli.contract import ModelAdapter
+from dfbf_cli.engine.distributed import current, mean
 from dfbf_cli.engine.evaluate import check_same_kind
 from dfbf_cli.engine.features import FeatureTaps, tap_weights, weighted_distance
 from dfbf_cli.engine.files import atomic_path
@@ -122,7 +123,9 @@ def finetune(
     """Train ``student``'s pruned scope in place to mimic ``teacher``'s features on ``images`` (uint8 N×3×H×W).
 
     ``data_id`` identifies the images (a resumed run must train on the same); a loss that stops being
-    finite ends the run with a :class:`DfbfError`, leaving neither model nor checkpoint."""
+    finite ends the run with a :class:`DfbfError`, leaving neither model nor checkpoint. Under torchrun the
+    student is a DistributedDataParallel: every rank draws the same batch and trains on its share of it
+    (its BatchNorm statistics are its own share's), rank 0 writes the checkpoint."""
     settings.validate()
     imgsz = images.shape[-1]
     check_compatible(student, teacher, imgsz, scope)
@@ -138,7 +141,7 @@ def finetune(
         p.requires_grad_(True)
     optimizer = _optimizer(params, settings)
     generator = torch.Generator().manual_seed(seed)
-    identity = {**settings.to_dict(), "scope": str(scope), "seed": seed, "data": data_id, "images": len(images)}
+    identity = {**settings.to_dict(), "scope": str(scope), "seed": seed, "data": data_id, "images": len(images)}  # not the process count: any may resume
     history: list[EpochRecord] = []
     start_epoch = 0
     if state_path.exists():
@@ -152,23 +155,32 @@ def finetune(
 
     n, batch = len(images), min(settings.batch, len(images))
     steps = n // batch  # drop the ragged last batch: BatchNorm statistics need full batches
+    world = current()
+    if batch % world.size:
+        raise DfbfError(f"--batch {batch} does not split evenly over the {world.size} processes; use a multiple of {world.size}.")
+    share = slice(world.rank * batch // world.size, (world.rank + 1) * batch // world.size)  # this rank's part of every batch
+    student_backbone = s_split.backbone
+    if world.distributed:  # gradients averaged over the ranks: the same steps as one process with the whole batch
+        from torch.nn.parallel import DistributedDataParallel
+
+        student_backbone = DistributedDataParallel(s_split.backbone, device_ids=[device.index] if device.type == "cuda" else None)
     with FeatureTaps(student.model, taps) as s_taps, FeatureTaps(teacher.model, taps) as t_taps:
         for epoch in range(start_epoch, settings.epochs):
             for group in optimizer.param_groups:
                 group["lr"] = _cosine_lr(settings, epoch)
-            s_split.backbone.train(settings.bn == BatchNormMode.TRAIN)
+            student_backbone.train(settings.bn == BatchNormMode.TRAIN)
             order = torch.randperm(n, generator=generator)
             started, total, tap_totals = time.perf_counter(), 0.0, torch.zeros(len(taps))
             for step in range(steps):
                 x = augment(images[order[step * batch : (step + 1) * batch]].float().div(255), generator)
                 if settings.cutmix:
                     x = cutmix(x, generator)
-                x = student.input_spec.normalize(x.to(device))
+                x = student.input_spec.normalize(x[share].to(device))
                 with mixed_precision:
                     with torch.no_grad():
                         t_split.backbone(x)
                         targets = t_taps.take()
-                    s_split.backbone(x)
+                    student_backbone(x)
                     loss, losses = weighted_distance(s_taps.take(), targets, weights, settings.loss)
                 if not torch.isfinite(loss):
                     state_path.unlink(missing_ok=True)  # a diverging run is not worth resuming
@@ -186,10 +198,12 @@ def finetune(
             if not all(math.isfinite(float(p.detach().abs().sum())) for p in params):
                 state_path.unlink(missing_ok=True)
                 raise DfbfError(f"Fine-tuning diverged at epoch {epoch + 1} (the weights are no longer finite); nothing was saved: lower --lr.")
-            history.append(EpochRecord(epoch + 1, total / steps, (tap_totals / steps).tolist(), steps * batch / (time.perf_counter() - started)))
-            with atomic_path(state_path) as tmp:
-                torch.save({"model": student.model.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                            "epoch": epoch + 1, "identity": identity, "history": [asdict(r) for r in history]}, tmp)
+            history.append(EpochRecord(epoch + 1, mean(total / steps), [mean(v) for v in (tap_totals / steps).tolist()],
+                                       steps * batch / (time.perf_counter() - started)))
+            if world.main:
+                with atomic_path(state_path) as tmp:
+                    torch.save({"model": student.model.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
+                                "epoch": epoch + 1, "identity": identity, "history": [asdict(r) for r in history]}, tmp)
     student.model.eval().requires_grad_(False)
     reattach_head(student, teacher, scope)
     return history

@@ -17,8 +17,9 @@ from dfbf_cli.settings import Precision
 def resolve_device(spec: str) -> torch.device:
     """``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``; a device that is absent is a user error."""
     spec = spec.strip().lower()
+    local = int(os.environ.get("LOCAL_RANK", 0))  # torchrun: one GPU per process on each machine
     if spec == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        return torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
     if spec == "cpu":
         return torch.device("cpu")
     match = re.fullmatch(r"cuda(?::(\d+))?", spec)
@@ -26,7 +27,7 @@ def resolve_device(spec: str) -> torch.device:
         raise DfbfError(f"Unknown device '{spec}'; use auto, cpu, cuda or cuda:N.")
     if not torch.cuda.is_available():
         raise DfbfError(f"Device '{spec}' was asked for but no CUDA GPU is available here; use --device cpu.")
-    index = int(match.group(1) or 0)
+    index = int(match.group(1) or local)
     if index >= torch.cuda.device_count():
         raise DfbfError(f"Device '{spec}' does not exist: this machine has {torch.cuda.device_count()} CUDA GPU(s).")
     return torch.device("cuda", index)

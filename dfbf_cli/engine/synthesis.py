@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfbf_cli.contract import IMAGENET, BackboneSplit, InputSpec, ModelAdapter
+from dfbf_cli.engine.distributed import barrier, current
 from dfbf_cli.engine.progress import ProgressCallback, ProgressEvent, ignore
 from dfbf_cli.engine.runtime import autocast
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
@@ -193,12 +194,17 @@ def plan_synthesis(
     classes = adapter.synthesis_classes() if settings.class_weight > 0 else None
     if classes is None:
         settings = replace(settings, class_weight=0.0)
-    dataset = SyntheticDataset.create_or_resume(
-        out,
-        teacher={"name": adapter.name, "family": adapter.family, "task": adapter.task, "fingerprint": adapter.fingerprint()},
-        input_spec=adapter.input_spec.to_dict(), imgsz=imgsz,
-        generation={**settings.to_dict(), "seed": seed, "batch": batch, "precision": str(precision)},
-    )
+    world = current()
+    if world.main:  # creates the folder, or continues it (adopting shards an interrupted run of several processes finished)
+        dataset = SyntheticDataset.create_or_resume(
+            out,
+            teacher={"name": adapter.name, "family": adapter.family, "task": adapter.task, "fingerprint": adapter.fingerprint()},
+            input_spec=adapter.input_spec.to_dict(), imgsz=imgsz,
+            generation={**settings.to_dict(), "seed": seed, "batch": batch, "precision": str(precision)},
+        )
+    barrier()
+    if not world.main:
+        dataset = SyntheticDataset.open(out)
     remaining = max(0, num_images - dataset.num_images)
     sizes = [min(batch, remaining - start) for start in range(0, remaining, batch)]
     if len(sizes) > 1 and sizes[-1] == 1:  # a lone image has no batch statistics: join it to the previous shard
@@ -207,19 +213,24 @@ def plan_synthesis(
 
 
 def run_synthesis(adapter: ModelAdapter, plan: SynthesisPlan, *, device: torch.device, on_progress: ProgressCallback = ignore) -> SyntheticDataset:
-    """Make the planned shards one by one; each is on disk (and in the manifest) once finished."""
-    dataset, classes = plan.dataset, plan.classes
+    """Make the planned shards; each is on disk (and recorded) once finished. Under torchrun the ranks take
+    turns (shard k by rank k mod N): each shard's seed is its index, so the dataset is the same, image for
+    image, whatever the number of processes; rank 0 records the others' shards once all are done."""
+    dataset, classes, world = plan.dataset, plan.classes, current()
     split = adapter.split()
     adapter.model.to(device)
     steps = plan.settings.low_res_iterations + plan.settings.iterations
-    for number, count in enumerate(plan.shard_sizes):
-        index = len(dataset.manifest["shards"])
-        labels = balanced_labels(dataset.num_images, count, classes).to(device) if classes else None
+    first, before = len(dataset.manifest["shards"]), dataset.num_images
+    mine = [position for position in range(len(plan.shard_sizes)) if position % world.size == world.rank]
+    for done_shards, position in enumerate(mine):
+        count, index = plan.shard_sizes[position], first + position
+        start = before + sum(plan.shard_sizes[:position])
+        labels = balanced_labels(start, count, classes).to(device) if classes else None
         started = time.perf_counter()
 
-        def report(done: int, loss: float, number=number, count=count, started=started) -> None:
-            on_progress(ProgressEvent("synthesize", number * steps + done, plan.total_iterations, {
-                "batch": f"{number + 1}/{len(plan.shard_sizes)}", "it": f"{done}/{steps}", "loss": loss,
+        def report(done: int, loss: float, done_shards=done_shards, count=count, started=started) -> None:
+            on_progress(ProgressEvent("synthesize", done_shards * steps + done, len(mine) * steps, {
+                "batch": f"{done_shards + 1}/{len(mine)}", "it": f"{done}/{steps}", "loss": loss,
                 "img·it/s": count * done / max(time.perf_counter() - started, 1e-9)}))
 
         images, stats = synthesize_batch(
@@ -227,5 +238,11 @@ def run_synthesis(adapter: ModelAdapter, plan: SynthesisPlan, *, device: torch.d
             device=device, precision=plan.precision, labels=labels, on_step=report,
         )
         stats["seconds"], stats["precision"] = round(time.perf_counter() - started, 3), str(plan.precision)
-        dataset.add_shard(images, None if labels is None else labels.cpu(), stats)
-    return dataset
+        dataset.add_shard(images, None if labels is None else labels.cpu(), stats, index=index)
+    if not world.distributed:
+        return dataset
+    barrier()
+    if world.main:
+        dataset.adopt_finished()
+    barrier()
+    return dataset if world.main else SyntheticDataset.open(dataset.root)

@@ -73,6 +73,7 @@ class SyntheticDataset:
                     f"{root} holds a dataset generated with other settings ({', '.join(changed)} differ); "
                     "use another --out, or the same settings to continue it."
                 )
+            dataset.adopt_finished()
             dataset.verify()
             return dataset
         if root.exists() and any(root.iterdir()):
@@ -86,17 +87,45 @@ class SyntheticDataset:
         dataset._write_manifest()
         return dataset
 
-    def add_shard(self, images: torch.Tensor, labels: torch.Tensor | None, stats: dict) -> None:
-        """Write one shard (uint8 N×3×H×W images) atomically, then record it in the manifest."""
-        name = f"shard-{len(self.manifest['shards']):05d}.safetensors"
+    def add_shard(self, images: torch.Tensor, labels: torch.Tensor | None, stats: dict, *, index: int | None = None) -> None:
+        """Write shard ``index`` (uint8 N×3×H×W images; default: the next) atomically, then record it: in the
+        manifest when it is the next one, else in a sidecar ``shard-N.json`` that :meth:`adopt_finished`
+        moves into the manifest once the shards before it exist (several processes fill one dataset)."""
+        index = len(self.manifest["shards"]) if index is None else index
+        name = f"shard-{index:05d}.safetensors"
         tensors = {"images": images.contiguous()}
         if labels is not None:
             tensors["labels"] = labels.to(torch.int64).contiguous()
         with atomic_path(self.root / name) as tmp:
             save_file(tensors, str(tmp))
-        self.manifest["shards"].append({"file": name, "count": len(images), "sha256": sha256_file(self.root / name), **stats})
+        entry = {"file": name, "count": len(images), "sha256": sha256_file(self.root / name), **stats}
+        sidecar = self.root / name.replace(".safetensors", ".json")
+        if index != len(self.manifest["shards"]):
+            write_json(sidecar, entry)
+            return
+        self._record([entry])
+        sidecar.unlink(missing_ok=True)  # a stale record of an earlier, interrupted attempt
+
+    def adopt_finished(self) -> None:
+        """Record, in order, the shards other processes finished (their sidecars), as far as they are contiguous."""
+        adopted, sidecars = [], []
+        while (sidecar := self.root / f"shard-{len(self.manifest['shards']) + len(adopted):05d}.json").is_file():
+            entry = read_json(sidecar, "a finished shard's record")
+            shard = self.root / str(entry.get("file", "")) if isinstance(entry, dict) else None
+            if shard is None or not SHARD_NAME.fullmatch(shard.name) or not shard.is_file() or sha256_file(shard) != entry.get("sha256"):
+                break  # damaged: that shard is made again
+            adopted.append(entry)
+            sidecars.append(sidecar)
+        if adopted:
+            self._record(adopted)
+        for sidecar in sidecars:
+            sidecar.unlink()
+
+    def _record(self, entries: list[dict]) -> None:
+        before = self.num_images
+        self.manifest["shards"] += entries
         self._write_manifest()
-        if len(self.manifest["shards"]) == 1 or self.num_images - len(images) < PREVIEW_IMAGES:
+        if before < PREVIEW_IMAGES:
             self._write_preview()
 
     def _write_manifest(self) -> None:
