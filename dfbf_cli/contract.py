@@ -38,7 +38,6 @@ class InputSpec:
     imgsz: int
     mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
     std: tuple[float, float, float] = (1.0, 1.0, 1.0)
-    channels: int = 3
     stride: int = 1
 
     def moments(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -59,7 +58,7 @@ class InputSpec:
         return inputs * std + mean
 
     def to_dict(self) -> dict:
-        return {"imgsz": self.imgsz, "mean": list(self.mean), "std": list(self.std), "channels": self.channels}
+        return {"imgsz": self.imgsz, "mean": list(self.mean), "std": list(self.std)}
 
 
 IMAGENET = InputSpec(imgsz=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0.225))  # torchvision's normalisation
@@ -70,7 +69,8 @@ IMAGENET = InputSpec(imgsz=224, mean=(0.485, 0.456, 0.406), std=(0.229, 0.224, 0
 
 @dataclass
 class BackboneSplit:
-    """A model cut in two, sharing the original parameters (no copies).
+    """A model cut in two, sharing the original parameters (no copies): ``backbone`` is the part a scope may
+    prune (DFBF's backbone, or the whole trunk before the task module), ``head`` the untouched rest.
 
     ``backbone`` maps model inputs to the tuple of tensors the head reads; ``head`` maps that tuple
     to the model's output, so ``head(backbone(x)) == model(x)``. ``feature_taps`` names (as in
@@ -209,6 +209,7 @@ class ModelAdapter(ABC):
         self.source = source
         self.origin: str | None = None  # fingerprint of the model this one was derived from, as its file records
         self._original: ModelAdapter | None = None  # that model, when derived in this process
+        self._fingerprint: str | None = None
 
     def with_model(self, model: nn.Module) -> ModelAdapter:
         """The same adapter around another module (a pruned or fine-tuned copy)."""
@@ -216,7 +217,17 @@ class ModelAdapter(ABC):
         clone.model = model
         clone.source = None
         clone._original = self._original or (None if self.origin else self)
+        clone._fingerprint = None
         return clone
+
+    def weights_changed(self) -> None:
+        """Forget the cached fingerprint: the weights were trained in place."""
+        self._fingerprint = None
+
+    def check_same_kind(self, teacher: ModelAdapter) -> None:
+        """A teacher must be of the same family and task as the model it teaches or judges."""
+        if (self.family, self.task) != (teacher.family, teacher.task):
+            raise DfbfError(f"Teacher {teacher.describe()} does not match {self.describe()}: they must be the same family and task.")
 
     def lineage(self) -> str | None:
         """The fingerprint of the original this model was pruned from (None for an original): saved with it,
@@ -278,9 +289,9 @@ class ModelAdapter(ABC):
         """Read back what :meth:`export` wrote (to score it)."""
         raise DfbfError(f"{self.describe()} has no exported form.")
 
-    def static_cost(self) -> tuple[int, int, float] | None:
+    def static_cost(self) -> tuple[int | None, int | None, float | None] | None:
         """(parameters, backbone parameters, GFLOPs) where they cannot be counted from ``self.model`` (an
-        exported artefact records its source's); None: count them."""
+        exported artefact records its source's, or None where unknown); None: count them."""
         return None
 
     def synthesis_classes(self) -> int | None:
@@ -288,13 +299,15 @@ class ModelAdapter(ABC):
         return None
 
     def fingerprint(self) -> str:
-        """sha256 of the weights (names, shapes and values): identifies the teacher of a dataset."""
-        digest = hashlib.sha256()
-        for key, tensor in sorted(self.model.state_dict().items()):
-            digest.update(key.encode())
-            digest.update(str(tuple(tensor.shape)).encode())
-            digest.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
-        return digest.hexdigest()
+        """sha256 of the weights (names, shapes and values): identifies the teacher of a dataset (computed once)."""
+        if self._fingerprint is None:
+            digest = hashlib.sha256()
+            for key, tensor in sorted(self.model.state_dict().items()):
+                digest.update(key.encode())
+                digest.update(str(tuple(tensor.shape)).encode())
+                digest.update(tensor.detach().cpu().contiguous().float().numpy().tobytes())
+            self._fingerprint = digest.hexdigest()
+        return self._fingerprint
 
     def describe(self) -> str:
         return f"{self.name} ({self.family} {self.task})"
@@ -312,3 +325,24 @@ class ModelAdapter(ABC):
     def stem(self) -> str:
         """A file-name stem for derived outputs: the model file's (``yolo11n-pose``, ``r56-p50``), else the name's (``resnet18``)."""
         return self.source.stem if self.source is not None else Path(self.name.split(":")[-1]).stem
+
+
+class Exported:
+    """Mixin for an adapter around an exported artefact (an inference runtime's model): it is scored and
+    timed, never pruned, trained or exported again; its costs are its source's, as its record says."""
+
+    record: dict | None
+    name: str
+    source: Path
+
+    def _refuse(self, *_args, **_kwargs):
+        raise DfbfError(f"{self.name} is an exported model: it can be evaluated, not pruned, fine-tuned or exported again.")
+
+    split = channel_groups = save = export = reload = _refuse
+
+    def fingerprint(self) -> str:
+        return f"exported:{self.source}"
+
+    def static_cost(self) -> tuple[int | None, int | None, float | None]:
+        source = (self.record or {}).get("source", {})
+        return source.get("params"), source.get("backbone_params"), source.get("gflops")

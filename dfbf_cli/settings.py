@@ -94,10 +94,9 @@ class BatchNormMode(Choice):
     FROZEN = "frozen"  # the original's statistics
 
 
-def _positive(name: str, value: float, *, minimum: float = 0.0, inclusive: bool = False) -> None:
-    ok = value >= minimum if inclusive else value > minimum
-    if not (ok and math.isfinite(value)):
-        raise DfbfError(f"{name} must be {'at least' if inclusive else 'above'} {minimum:g}, got {value}.")
+def _positive(name: str, value: float, *, zero_allowed: bool = False) -> None:
+    if not ((value >= 0 if zero_allowed else value > 0) and math.isfinite(value)):
+        raise DfbfError(f"{name} must be {'at least' if zero_allowed else 'above'} 0, got {value}.")
 
 
 @dataclass(frozen=True)
@@ -206,7 +205,7 @@ class FinetuneSettings:
         if self.epochs < 1 or self.batch < 2:
             raise DfbfError("--epochs must be at least 1 and --batch at least 2.")
         _positive("--lr", self.lr)
-        _positive("--weight-decay", self.weight_decay, inclusive=True)
+        _positive("--weight-decay", self.weight_decay, zero_allowed=True)
 
     def to_dict(self) -> dict:
         return {f.name: (str(v) if isinstance(v := getattr(self, f.name), Choice) else v) for f in fields(self)}

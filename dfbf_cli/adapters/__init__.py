@@ -20,27 +20,28 @@ from dfbf_cli.errors import DfbfError
 YOLO_SUFFIXES = {".pt", ".yaml", ".yml"}
 
 
-def load_model(spec: str, weights: str | None = None) -> ModelAdapter:
-    """Load MODEL as the user typed it; every failure is a :class:`DfbfError` naming what to do."""
+def load_model(spec: str, weights: str | None = None, weights_option: str = "--weights") -> ModelAdapter:
+    """Load MODEL as the user typed it (``weights`` given as ``weights_option``); every failure is a
+    :class:`DfbfError` naming what to do."""
     from dfbf_cli.adapters import classifier
 
     if spec.startswith("torchvision:") or spec.startswith("cifar-resnet"):
         return classifier.load_classifier(spec, weights)
     path = Path(spec).expanduser()
     if path.suffix == ".onnx" or (path.is_dir() and any(path.glob("*.xml"))):
-        return _load_export(path, weights)
+        return _load_export(path, weights, weights_option)
     if path.suffix == ".safetensors":
         if not path.is_file():
             raise DfbfError(f"Model file '{spec}' does not exist.")
-        arch = classifier.safetensors_metadata(path).get(classifier.ARCH_METADATA_KEY)
+        arch = classifier.weights_record(path).get(classifier.ARCH_METADATA_KEY)
         if arch is None:
             raise DfbfError(f"'{spec}' does not say which architecture it holds; give it as weights instead, e.g. 'torchvision:resnet18 --weights FILE'.")
         if weights:
-            raise DfbfError(f"--weights does not apply to '{spec}': the file holds its own weights.")
+            raise DfbfError(f"{weights_option} does not apply to '{spec}': the file holds its own weights.")
         return classifier.load_classifier(arch, str(path))
     if path.suffix in YOLO_SUFFIXES:
         if weights:
-            raise DfbfError("--weights applies to torchvision and CIFAR models; a YOLO checkpoint holds its own weights.")
+            raise DfbfError(f"{weights_option} applies to torchvision and CIFAR models; a YOLO checkpoint holds its own weights.")
         from dfbf_cli.adapters import yolo
 
         return yolo.load_yolo(spec)
@@ -49,12 +50,12 @@ def load_model(spec: str, weights: str | None = None) -> ModelAdapter:
     raise DfbfError(f"Unknown model '{spec}': give a YOLO checkpoint or YAML (model.pt, yolov8n-pose.yaml), 'torchvision:NAME' or 'cifar-resnetN'.")
 
 
-def _load_export(path: Path, weights: str | None) -> ModelAdapter:
+def _load_export(path: Path, weights: str | None, weights_option: str) -> ModelAdapter:
     """An exported model: one dfbf made of a classifier (its record says so), else an Ultralytics export."""
     if not path.exists():
         raise DfbfError(f"Model '{path}' does not exist.")
     if weights:
-        raise DfbfError(f"--weights does not apply to '{path}': an export holds its own weights.")
+        raise DfbfError(f"{weights_option} does not apply to '{path}': an export holds its own weights.")
     from dfbf_cli.engine.export import check_packages, read_record
     from dfbf_cli.settings import ExportFormat
 

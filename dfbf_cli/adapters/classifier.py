@@ -99,17 +99,21 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     for key in ("state_dict", "model"):
         if isinstance(state, dict) and isinstance(state.get(key), dict):
             state = state[key]
+            break
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise DfbfError(f"Weights '{path}' do not hold a state_dict of tensors.")
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def safetensors_metadata(path: Path) -> dict[str, str]:
-    """What a .safetensors records beside its tensors (dfbf writes the architecture and the original)."""
+def weights_record(path: Path) -> dict[str, str]:
+    """What a weights file records beside its tensors (dfbf writes the architecture and the original)."""
     try:
-        with safe_open(str(path), framework="pt") as handle:
-            return handle.metadata() or {}
-    except Exception:  # not a safetensors file: the caller reports what to do instead
+        if path.suffix == ".safetensors":
+            with safe_open(str(path), framework="pt") as handle:
+                return handle.metadata() or {}
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        return {k: v for k, v in state.items() if isinstance(v, str)} if isinstance(state, dict) else {}
+    except Exception:  # unreadable: the caller reports what to do instead
         return {}
 
 
@@ -180,8 +184,8 @@ def load_classifier(arch: str, weights: str | None) -> ClassifierAdapter:
     imgsz = 32 if arch.startswith("cifar-resnet") else 224
     suffix = weights_file.suffix if weights_file and weights_file.suffix in {".pth", ".pt", ".th"} else ".safetensors"
     adapter = ClassifierAdapter(model.eval(), task="classify", name=arch, source=weights_file, suffix=suffix, input_spec=replace(IMAGENET, imgsz=imgsz))
-    if weights_file is not None and weights_file.suffix == ".safetensors":
-        adapter.origin = safetensors_metadata(weights_file).get(ORIGIN_METADATA_KEY)
+    if weights_file is not None:
+        adapter.origin = weights_record(weights_file).get(ORIGIN_METADATA_KEY)
     return adapter
 
 
@@ -197,13 +201,6 @@ def check_classes(data: LabelledImages, num_outputs: int) -> None:
             f"{data.source} has {data.num_classes} class folders but the model predicts {num_outputs} classes; "
             "folder order cannot be matched to the model's classes."
         )
-
-
-def same_family(student: ModelAdapter, teacher: ModelAdapter):
-    """The teacher, checked to be of the student's family and task (its scorer is then known)."""
-    if (teacher.family, teacher.task) != (student.family, student.task) or not hasattr(teacher, "scorer"):
-        raise DfbfError(f"Teacher {teacher.describe()} does not match {student.describe()}: they must be the same family and task.")
-    return teacher
 
 
 @torch.inference_mode()
@@ -332,10 +329,11 @@ class ClassifierAdapter(ModelAdapter):
     def save(self, path: Path) -> Path:
         state = {k: v.detach().cpu().contiguous() for k, v in self.model.state_dict().items()}
         with atomic_path(path) as tmp:
+            record = {ARCH_METADATA_KEY: self.name} | ({ORIGIN_METADATA_KEY: self.lineage()} if self.lineage() else {})
             if path.suffix == ".safetensors":
-                save_file(state, str(tmp), metadata={ARCH_METADATA_KEY: self.name} | ({ORIGIN_METADATA_KEY: self.lineage()} if self.lineage() else {}))
-            else:
-                torch.save(state, tmp)
+                save_file(state, str(tmp), metadata=record)
+            else:  # the layout of the common CIFAR checkpoints, which read_state_dict (and most loaders) accept
+                torch.save({"state_dict": state, **record}, tmp)
         return path
 
     def export(self, folder: Path, fmt: ExportFormat, *, imgsz: int, calibration: torch.Tensor | None) -> Path:
@@ -370,7 +368,8 @@ class ClassifierAdapter(ModelAdapter):
         return classification_accuracy(self.scorer(device), require_labelled(data, self.name), imgsz=imgsz, batch=batch, num_outputs=self.num_outputs())
 
     def agreement(self, teacher: ModelAdapter, images: ImageFolder, *, imgsz: int, batch: int, device: torch.device) -> dict[str, float]:
-        return top1_agreement(self.scorer(device), same_family(self, teacher).scorer(device), images, imgsz=imgsz, batch=batch)
+        self.check_same_kind(teacher)  # so the teacher is a classifier too, with a scorer
+        return top1_agreement(self.scorer(device), teacher.scorer(device), images, imgsz=imgsz, batch=batch)
 
     def robustness(self, data: EvalData, *, imgsz: int, batch: int, device: torch.device) -> dict[str, float]:
         return classification_robustness(self.scorer(device), require_labelled(data, self.name), imgsz=imgsz, batch=batch)

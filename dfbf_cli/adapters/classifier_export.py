@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from dfbf_cli.adapters.classifier import ClassifierAdapter
-from dfbf_cli.contract import EvalData, InputSpec
+from dfbf_cli.contract import EvalData, Exported, InputSpec
 from dfbf_cli.errors import DfbfError
 from dfbf_cli.images import fit_to_square
 from dfbf_cli.settings import ExportFormat
@@ -79,7 +79,7 @@ class RuntimeModel(nn.Module):
         return torch.from_numpy(np.asarray(self.run(x.detach().cpu().float().numpy())))
 
 
-class ExportedClassifier(ClassifierAdapter):
+class ExportedClassifier(Exported, ClassifierAdapter):
     """A classifier dfbf exported (its record says what it was): scored and timed in its runtime."""
 
     def __init__(self, path: Path, record: dict):
@@ -91,17 +91,5 @@ class ExportedClassifier(ClassifierAdapter):
     def num_outputs(self) -> int:
         return self.outputs
 
-    def static_cost(self) -> tuple[int, int, float] | None:
-        source = self.record["source"]
-        return source["params"], source["backbone_params"], source["gflops"]
-
-    def fingerprint(self) -> str:
-        return f"exported:{self.name}"
-
     def robustness(self, data: EvalData, *, imgsz: int, batch: int, device: torch.device) -> dict[str, float]:
         raise DfbfError(f"--robustness needs gradients, which the exported {self.name} does not give; evaluate the PyTorch model.")
-
-    def _refuse(self, *_args, **_kwargs):
-        raise DfbfError(f"{self.name} is an exported model: it can be evaluated, not pruned, fine-tuned or exported again.")
-
-    split = channel_groups = save = export = reload = _refuse

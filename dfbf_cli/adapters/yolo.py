@@ -29,11 +29,11 @@ from torch import nn
 from dfbf_cli import __version__
 from dfbf_cli.adapters.classifier import (
     NOISE_SIGMA,
+    TOP1,
     Scorer,
     classification_accuracy,
     classification_robustness,
     require_labelled,
-    same_family,
     top1_agreement,
 )
 from dfbf_cli.adapters.yolo_data import YoloDataset, noisy_copy, pseudo_labelled
@@ -42,14 +42,14 @@ from dfbf_cli.contract import (
     ChannelGroup,
     ChannelSlice,
     EvalData,
+    Exported,
     ImageFolder,
     InputSpec,
     Metric,
     ModelAdapter,
     channel_group,
 )
-from dfbf_cli.engine.data import temporary_folder
-from dfbf_cli.engine.files import atomic_path
+from dfbf_cli.engine.files import atomic_path, temporary_folder
 from dfbf_cli.errors import DfbfError
 from dfbf_cli.settings import ExportFormat, Scope
 
@@ -236,7 +236,7 @@ def _hidden_groups(prefix: str, layer: nn.Module) -> list[ChannelGroup]:
 @torch.no_grad()
 def _output_widths(layers: list[nn.Module]) -> dict[int, int]:
     """Channels of every layer's output before the task module, from one small forward pass."""
-    saved = {-1: torch.zeros(1, 3, 64, 64)}
+    saved = {-1: torch.zeros(1, 3, 64, 64, device=next(layers[0].parameters()).device)}
     _run_layers(layers[:-1], saved)
     return {i: x.shape[1] for i, x in saved.items()}
 
@@ -446,7 +446,7 @@ class YoloAdapter(ModelAdapter):
         return scores
 
     def primary_metric(self) -> Metric:
-        return Metric("top1", percent=True) if self.task == "classify" else self.yolo_task.primary
+        return TOP1 if self.task == "classify" else self.yolo_task.primary
 
     def check_data(self, data: EvalData) -> None:
         if self.task == "classify":
@@ -489,7 +489,7 @@ class YoloAdapter(ModelAdapter):
 
     def agreement(self, teacher: ModelAdapter, images: ImageFolder, *, imgsz: int, batch: int, device: torch.device) -> dict[str, float]:
         """Classify: top-1 agreement. Other tasks: the metrics against the teacher's own predictions."""
-        teacher = same_family(self, teacher)
+        self.check_same_kind(teacher)
         if self.task == "classify":
             return top1_agreement(self.scorer(device), teacher.scorer(device), images, imgsz=imgsz, batch=batch)
         with temporary_folder() as tmp:
@@ -507,7 +507,7 @@ class YoloAdapter(ModelAdapter):
         return {f"agreement_{k}": v for k, v in metrics.items()}
 
 
-class ExportedYolo(YoloAdapter):
+class ExportedYolo(Exported, YoloAdapter):
     """A YOLO model exported to an inference runtime (OpenVINO, ONNX): scored and timed through Ultralytics'
     AutoBackend, never pruned or trained."""
 
@@ -524,19 +524,7 @@ class ExportedYolo(YoloAdapter):
                          source=path, train_args={"imgsz": imgsz})
         from dfbf_cli.engine.export import read_record
 
-        self.record = read_record(path)
-
-    def static_cost(self) -> tuple[int, int, float] | None:
-        source = (self.record or {}).get("source", {})
-        return source.get("params", 0), source.get("backbone_params", 0), source.get("gflops", float("nan"))
-
-    def _refuse(self, *_args, **_kwargs):
-        raise DfbfError(f"{self.name} is an exported model: it can be evaluated, not pruned, fine-tuned or exported again.")
-
-    split = channel_groups = save = export = reload = _refuse
-
-    def fingerprint(self) -> str:
-        return f"exported:{self.name}"
+        self.record = read_record(path)  # None for an Ultralytics export dfbf did not make: its costs are then unknown
 
     def _stock(self, folder: Path, role: str = "model"):
         return ultralytics().YOLO(str(self.source), task=self.task)

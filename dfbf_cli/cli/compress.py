@@ -89,7 +89,7 @@ def compress_command(
         from dfbf_cli.engine.evaluate import watched_metric
         from dfbf_cli.engine.runtime import resolve_precision
         from dfbf_cli.errors import QualityGateFailed
-        from dfbf_cli.settings import PRESETS, FinetuneSettings, PruneSettings, require_fraction
+        from dfbf_cli.settings import FinetuneSettings, PruneSettings, require_fraction
 
         if ratio is not None:
             require_fraction("--ratio", ratio)
@@ -98,8 +98,8 @@ def compress_command(
         eval_data = load_data(data) if data else None
         original = load_model(model, weights)
         plan = plan_compress(
-            original, model_spec=model, prune_settings=prune_settings, strategy=strategy, rounds=rounds, preset_name=str(preset),
-            preset=PRESETS[preset], finetune_settings=FinetuneSettings(precision=resolve_precision(precision, ctx.device)), epochs=epochs,
+            original, model_spec=model, prune_settings=prune_settings, strategy=strategy, rounds=rounds, preset=preset,
+            finetune_settings=FinetuneSettings(precision=resolve_precision(precision, ctx.device)), epochs=epochs,
             num_images=num_images, export=export, int8=int8,
             imgsz=imgsz, synthetic=synthetic, allow_teacher_mismatch=allow_teacher_mismatch, eval_data=eval_data, max_drop=max_drop,
             out=out, seed=seed, device=ctx.device, inputs=input_paths(model=model, weights=weights, synthetic=synthetic, data=data),

@@ -54,15 +54,15 @@ def eval_command(
         from dfbf_cli.adapters import load_data, load_model
         from dfbf_cli.cli.tables import report_table
         from dfbf_cli.contract import ImageFolder
-        from dfbf_cli.engine.efficiency import check_imgsz, example_input, gflops
-        from dfbf_cli.engine.evaluate import Candidate, Verdict, check_evaluation, equal_cost_imgsz, evaluate_models, watched_metric
+        from dfbf_cli.engine.efficiency import check_imgsz
+        from dfbf_cli.engine.evaluate import Candidate, Verdict, check_evaluation, evaluate_models, free_alternative, watched_metric
 
         if weights and len(models) > 1:
             raise DfbfError("--weights applies to a single MODEL; evaluate models with different weights one by one.")
         refuse_unused(teacher_weights=(teacher_weights is not None and teacher is None, "applies to a --teacher."))
         eval_data = load_data(data)
         refuse_unused(robustness=(robustness and isinstance(eval_data, ImageFolder), "needs labelled --data (unlabelled photos measure agreement only)."))
-        teacher_model = load_model(teacher, teacher_weights) if teacher else None
+        teacher_model = load_model(teacher, teacher_weights, "--teacher-weights") if teacher else None
         adapters = [load_model(spec, weights) for spec in models]
         if len({a.input_spec.imgsz for a in adapters}) > 1 and imgsz is None:
             raise DfbfError("These models have different input sizes; pass --imgsz to compare them at one size.")
@@ -70,23 +70,18 @@ def eval_command(
             check_evaluation(adapter, eval_data, teacher_model)
             check_imgsz(adapter, imgsz or adapter.input_spec.imgsz, batch, ctx.device, training=False)
         candidates = [Candidate(a.name, a, imgsz or a.input_spec.imgsz) for a in adapters]
-        comparisons = []  # (later model's index, baseline's index)
-        first = adapters[0]
-        if baseline and len(adapters) > 1 and not isinstance(eval_data, ImageFolder) and first.free_input_size:
-            size = candidates[0].imgsz
-            cost = gflops(first.model, example_input(first, size))
-            for index, adapter in enumerate(adapters[1:], 1):
-                if (adapter.family, adapter.task) != (first.family, first.task):
-                    continue
-                equal = equal_cost_imgsz(first, cost, gflops(adapter.model, example_input(adapter, size)), size)
-                if equal is not None:
-                    candidates.append(Candidate(f"{first.name} @ {equal} px", first, equal))
+        comparisons = []  # (later model's index, its free alternative's index)
+        if baseline and not isinstance(eval_data, ImageFolder):
+            for index, candidate in enumerate(candidates[1:len(adapters)], 1):
+                alternative = free_alternative(adapters[0], candidate.adapter, candidates[0].imgsz, adapters[0].name)
+                if alternative is not None:
+                    candidates.append(alternative)
                     comparisons.append((index, len(candidates) - 1))
         ctx.say(f"Evaluating {', '.join(c.label for c in candidates)} on {data} ({ctx.device}) ...")
         with ctx.progress() as show:
             reports = evaluate_models(candidates, eval_data, teacher=teacher_model, batch=batch, device=ctx.device,
                                       latency_runs=latency_runs, robustness=robustness, on_progress=show)
-        metric = watched_metric(first, eval_data)
+        metric = watched_metric(adapters[0], eval_data)
         verdicts = [Verdict.of(metric, reports[i], reports[b]) for i, b in comparisons]
         ctx.results.print(report_table(reports, f"dfbf eval · {data}", metric))
         for (index, _), verdict in zip(comparisons, verdicts):

@@ -9,7 +9,7 @@ import typer
 
 from dfbf_cli.cli.common import MODEL_HELP, DeviceOption, JsonOption, QuietOption, SeedOption, WeightsOption, input_paths, session
 from dfbf_cli.errors import DfbfError
-from dfbf_cli.settings import EXPORT_EXTRA, ExportFormat
+from dfbf_cli.settings import CALIBRATION_IMAGES, EXPORT_EXTRA, ExportFormat
 
 FormatOption = Annotated[ExportFormat, typer.Option("--format", help="openvino (a folder) or onnx (a file).", show_default=False)]
 Int8Option = Annotated[bool, typer.Option("--int8", help="Quantise weights and activations to 8 bits, calibrated on --synthetic images.")]
@@ -71,7 +71,7 @@ def export_command(
                 raise DfbfError(f"{synthetic} holds no images to calibrate on.")
             dataset.check_teacher(adapter.fingerprint(), allow_mismatch=allow_teacher_mismatch, lineage=adapter.lineage())
         ctx.say(f"Exporting {adapter.describe()} to {fmt}{' INT8' if int8 else ''} at {size} px"
-                + (f", calibrated on {min(dataset.num_images, 300)} synthetic image(s) from {synthetic}." if dataset else "."))
+                + (f", calibrated on {min(dataset.num_images, CALIBRATION_IMAGES)} synthetic image(s) from {synthetic}." if dataset else "."))
         written = export(adapter, fmt, path, imgsz=size, calibration=dataset)
         ctx.say(f"Exported to {written}. Score it with: dfbf eval {written} --data DATA")
         ctx.emit({"command": "export", "out": str(written), "format": str(fmt), "int8": int8, "imgsz": size, "extra": EXPORT_EXTRA})

@@ -86,7 +86,7 @@ def finetune_command(
     """
     with session(device=device, seed=seed, quiet=quiet, json_mode=json_output) as ctx:
         from dfbf_cli.adapters import load_model
-        from dfbf_cli.engine.distributed import current
+        from dfbf_cli.engine.distributed import check_batch_split, current
         from dfbf_cli.engine.efficiency import check_imgsz
         from dfbf_cli.engine.files import Output, check_outputs
         from dfbf_cli.engine.finetune import check_compatible, finetune, fitting_scope
@@ -100,10 +100,9 @@ def finetune_command(
                                     weight_decay=weight_decay, optimizer=optimizer, loss=loss, tap_weights=tap_weights, bn=bn, cutmix=cutmix,
                                     precision=resolve_precision(precision, ctx.device))  # the JSON says bf16 or fp32, not auto
         settings.validate()
-        if teacher_weights is not None and teacher.endswith(".pt"):
-            raise DfbfError("--teacher-weights applies to a torchvision or CIFAR --teacher; a YOLO checkpoint holds its own weights.")
+        check_batch_split(batch)
         student = load_model(pruned, weights)
-        original = load_model(teacher, teacher_weights)
+        original = load_model(teacher, teacher_weights, "--teacher-weights")
         path = student.output_path(out, "finetuned")
         state_path = path.with_name(f"{path.stem}.finetune-state.pt")
         check_outputs([Output("--out", path), Output("the fine-tuning checkpoint", state_path)],

@@ -25,8 +25,7 @@ def report_table(reports: list[ModelReport], title: str, metric: Metric | None) 
         table.add_column(f"{report.name}\n({report.task})", justify="right")
     for name in dict.fromkeys(name for report in reports for name in report.metrics):
         shown = f"[bold]{name}[/]" if metric is not None and name == metric.name else name
-        fmt = "{:.2f}" if name.startswith(("top", "agreement_top")) else "{:.4f}"  # percentages, else mAP in 0-1
-        table.add_row(shown, *["-" if name not in r.metrics else fmt.format(r.metrics[name]) for r in reports])
+        table.add_row(shown, *[metric.format(r.metrics.get(name)) if metric else f"{r.metrics[name]:.4g}" for r in reports])  # a task's metrics share a unit
     table.add_section()
     cells = [efficiency_cells(r) for r in reports]
     for row, (label, *_rest) in enumerate(EFFICIENCY_ROWS):

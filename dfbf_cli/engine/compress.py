@@ -11,7 +11,8 @@ command after an interruption continues where it stopped. The run directory::
     RUN/pruning.json           how many channels each group keeps
     RUN/pruned<ext>            the pruned model, before fine-tuning
     RUN/round-<k><ext>         with --rounds K: the model after round k's prune and distillation
-    RUN/finetune-state.pt      the fine-tuning checkpoint (only while unfinished)
+    RUN/finetune-state[-k].pt  round k's fine-tuning checkpoint (only while unfinished)
+    RUN/finetune-history.json  the loss per epoch (written before each round's model)
     RUN/compressed<ext>        the final model
     RUN/compressed[_int8]_openvino_model/ or compressed[-int8].onnx   with --export: the final model, exported
     RUN/report.json|md|png     original / pruned / compressed (and the free alternative), loss curve
@@ -29,9 +30,9 @@ import torch
 
 from dfbf_cli import __version__
 from dfbf_cli.contract import EvalData, ImageFolder, ModelAdapter
-from dfbf_cli.engine.distributed import barrier, current
-from dfbf_cli.engine.efficiency import check_imgsz, example_input, gflops
-from dfbf_cli.engine.evaluate import Candidate, ModelReport, Verdict, check_evaluation, equal_cost_imgsz, evaluate_models, watched_metric
+from dfbf_cli.engine.distributed import barrier, check_batch_split, current, main_first
+from dfbf_cli.engine.efficiency import check_imgsz
+from dfbf_cli.engine.evaluate import Candidate, ModelReport, Verdict, check_evaluation, evaluate_models, free_alternative, watched_metric
 from dfbf_cli.engine.export import check_packages, default_path
 from dfbf_cli.engine.export import export as export_model
 from dfbf_cli.engine.features import feature_gap
@@ -46,10 +47,12 @@ from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
 from dfbf_cli.errors import DfbfError
 from dfbf_cli.settings import (
     EVAL_BATCH,
+    PRESETS,
     SYNTHESIS_BATCH,
     ExportFormat,
     FinetuneSettings,
     Preset,
+    PresetName,
     ProgressiveSettings,
     PruneSettings,
     Strategy,
@@ -92,9 +95,9 @@ class RunDirectory:
     def exported(self, fmt: ExportFormat, int8: bool) -> Path:
         return self.root / default_path("compressed", fmt, int8)
 
-    @property
-    def finetune_state(self) -> Path:
-        return self.root / "finetune-state.pt"
+    def finetune_state(self, k: int) -> Path:
+        """Round ``k``'s fine-tuning checkpoint (only while unfinished)."""
+        return self.root / ("finetune-state.pt" if k == 1 else f"finetune-state-{k}.pt")
 
     @property
     def history(self) -> Path:
@@ -147,14 +150,16 @@ class CompressPlan:
 
 
 def plan_compress(
-    original: ModelAdapter, *, model_spec: str, prune_settings: PruneSettings, strategy: Strategy, rounds: int, preset_name: str,
-    preset: Preset, finetune_settings: FinetuneSettings, epochs: int | None, num_images: int | None, imgsz: int | None, synthetic: Path | None,
+    original: ModelAdapter, *, model_spec: str, prune_settings: PruneSettings, strategy: Strategy, rounds: int, preset: PresetName,
+    finetune_settings: FinetuneSettings, epochs: int | None, num_images: int | None, imgsz: int | None, synthetic: Path | None,
     export: ExportFormat | None, int8: bool,
     allow_teacher_mismatch: bool, eval_data: EvalData | None, max_drop: float | None, out: Path | None, seed: int,
     device: torch.device, inputs: dict[str, Path | None],
 ) -> CompressPlan:
     """Check every argument and input against each other; nothing is computed or written."""
     prune_settings.validate()
+    check_batch_split(finetune_settings.batch)
+    budget = PRESETS[preset]
     if rounds < 1:
         raise DfbfError(f"--rounds must be at least 1, got {rounds}.")
     if rounds > 1 and strategy == Strategy.PROGRESSIVE:
@@ -183,10 +188,10 @@ def plan_compress(
             raise DfbfError(f"{synthetic} holds {dataset.num_images} image(s); fine-tuning needs at least 2.")
     elif allow_teacher_mismatch:
         raise DfbfError("--allow-teacher-mismatch applies to a --synthetic dataset made from another model.")
-    size = dataset.imgsz if dataset else imgsz or preset.imgsz(original.input_spec.imgsz)
+    size = dataset.imgsz if dataset else imgsz or budget.imgsz(original.input_spec.imgsz)
     check_imgsz(original, size, finetune_settings.batch, device, training=True)
-    num_images = dataset.num_images if dataset else num_images or preset.num_images(size)
-    settings = replace(finetune_settings, epochs=epochs or preset.epochs(num_images, finetune_settings.batch, size))
+    num_images = dataset.num_images if dataset else num_images or budget.num_images(size)
+    settings = replace(finetune_settings, epochs=epochs or budget.epochs(num_images, finetune_settings.batch, size))
     settings.validate()
     run = RunDirectory(out or Path(f"{original.stem}-compressed"), original.default_suffix)
     check_outputs([Output("--out", run.root, Kind.DIRECTORY)], inputs)
@@ -194,12 +199,12 @@ def plan_compress(
         "model": model_spec, "fingerprint": original.fingerprint(), **{k: str(v) if v is not None else None for k, v in
         (("ratio", prune_settings.ratio), ("flops", prune_settings.flops))}, "scope": str(prune_settings.scope),
         "allocation": str(prune_settings.allocation), "criterion": str(prune_settings.criterion), "schedule": str(prune_settings.schedule),
-        "strategy": str(strategy), "rounds": rounds, "preset": preset_name, "epochs": settings.epochs, "precision": str(settings.precision),
+        "strategy": str(strategy), "rounds": rounds, "preset": str(preset), "epochs": settings.epochs, "precision": str(settings.precision),
         "imgsz": size, "num_images": num_images, "seed": seed, "synthetic": None if synthetic is None else str(synthetic.resolve()),
         "synthetic_content": None if dataset is None else dataset.content_id(),
     }
     run.check(request)
-    return CompressPlan(original, run, request, prune_settings, strategy, ProgressiveSettings(), rounds, settings, preset, size,
+    return CompressPlan(original, run, request, prune_settings, strategy, ProgressiveSettings(), rounds, settings, budget, size,
                         num_images, dataset, eval_data, export, int8, max_drop, seed, device)
 
 
@@ -222,14 +227,16 @@ def _synthesize(plan: CompressPlan, folder: Path, count: int, seed: int, on_prog
 
 
 def _keep(plan: CompressPlan, dataset: SyntheticDataset, on_progress: ProgressCallback) -> dict[str, int]:
-    """Channels each group keeps (saved: the allocation measures the groups, which takes a while)."""
-    if plan.run.pruning.exists():
-        return read_json(plan.run.pruning, "the pruning plan")["keep"]
-    probe = dataset.probe(plan.progressive.probe_images).to(plan.device)
-    keep = plan_keep(plan.original, plan.prune, imgsz=plan.original.input_spec.imgsz, probe=probe, device=plan.device, on_progress=on_progress)
-    if current().main:
-        write_json(plan.run.pruning, {"keep": keep})
-    return keep
+    """Channels each group keeps (saved: the allocation measures the groups, which takes a while), decided
+    by rank 0 under torchrun and read by the others."""
+    def decide() -> None:
+        if not plan.run.pruning.exists():
+            probe = dataset.probe(plan.progressive.probe_images).to(plan.device)
+            keep = plan_keep(plan.original, plan.prune, imgsz=plan.original.input_spec.imgsz, probe=probe, device=plan.device, on_progress=on_progress)
+            write_json(plan.run.pruning, {"keep": keep})
+
+    main_first(decide)
+    return read_json(plan.run.pruning, "the pruning plan")["keep"]
 
 
 def _pruned(plan: CompressPlan, source: ModelAdapter, keep: dict[str, int], dataset: SyntheticDataset, on_progress: ProgressCallback) -> ModelAdapter:
@@ -257,9 +264,10 @@ def _distilled(plan: CompressPlan, keep: dict[str, int], pruned: ModelAdapter, d
     student = original
     for k in range(1, rounds + 1):
         done = run.round(k) if k < rounds else run.compressed
-        if done.exists():
+        if done.exists():  # its history was written before it
             student = original.reload(done)
             continue
+        history = [r for r in history if r.epoch <= (k - 1) * settings.epochs]  # a round interrupted after its history was written
         if rounds == 1:
             student = pruned.with_model(copy.deepcopy(pruned.model))
         else:
@@ -267,13 +275,15 @@ def _distilled(plan: CompressPlan, keep: dict[str, int], pruned: ModelAdapter, d
         log.info("Fine-tuning%s %d epoch(s) over %d image(s) at %d px on %s (%s).", f" round {k}/{rounds}:" if rounds > 1 else "",
                  settings.epochs, len(images), dataset.imgsz, plan.device, settings.precision)
         records = finetune(student, original, images, settings=settings, scope=plan.prune.scope, device=plan.device, seed=plan.seed + k - 1,
-                           state_path=run.finetune_state, resume=True, data_id=dataset.content_id(), on_progress=on_progress)
+                           state_path=run.finetune_state(k), resume=True, data_id=dataset.content_id(), on_progress=on_progress)
         history += [replace(r, epoch=len(history) + r.epoch) for r in records]
-        if current().main:
+
+        def record(student=student, done=done, k=k, history=history) -> None:
+            write_json(run.history, [vars(r) for r in history])  # before the model: a model on disk means its round is recorded
             student.save(done)
-            write_json(run.history, [vars(r) for r in history])
-            run.finetune_state.unlink(missing_ok=True)
-        barrier()
+            run.finetune_state(k).unlink(missing_ok=True)
+
+        main_first(record)
     return student, history
 
 
@@ -285,12 +295,8 @@ def compress(plan: CompressPlan, *, on_progress: ProgressCallback = ignore) -> C
         run.start(plan.request)
     dataset = plan.synthetic or _synthesize(plan, run.synthetic, plan.num_images, plan.seed, on_progress)
     keep = _keep(plan, dataset, on_progress)
-    if run.pruned.exists():
-        pruned = original.reload(run.pruned)
-    else:
-        pruned = _pruned(plan, original, keep, dataset, on_progress)
-        if world.main:
-            pruned.save(run.pruned)
+    main_first(lambda: run.pruned.exists() or _pruned(plan, original, keep, dataset, on_progress).save(run.pruned))
+    pruned = original.reload(run.pruned)
     compressed, history = _distilled(plan, keep, pruned, dataset, on_progress)
     count = min(HOLDOUT_IMAGES, max(2, plan.num_images // 4))
     holdout = _synthesize(plan, run.holdout, count, plan.seed + HOLDOUT_SEED_OFFSET, on_progress).load()[0].float() / 255
@@ -325,16 +331,11 @@ def _evaluate(plan: CompressPlan, pruned: ModelAdapter, compressed: ModelAdapter
     candidates = [Candidate("original", original, size), Candidate("pruned", pruned, size), Candidate("compressed", compressed, size)]
     if exported is not None:
         candidates.append(Candidate(f"compressed {'INT8' if plan.int8 else 'FP32'} {plan.export}", exported, size))
-    if data is not None and not isinstance(data, ImageFolder):
-        example = example_input(original, size)
-        equal = equal_cost_imgsz(original, gflops(original.model.cpu(), example), gflops(compressed.model.cpu(), example), size)
-        if equal is not None:
-            candidates.append(Candidate(f"original @ {equal} px", original, equal))
+    baseline = None if data is None or isinstance(data, ImageFolder) else free_alternative(original, compressed, size, "original")
     if data is not None:
-        log.info("Evaluating %s on %s.", ", ".join(c.label for c in candidates), data.source)
-    reports = evaluate_models(candidates, data, teacher=original if isinstance(data, ImageFolder) else None, batch=EVAL_BATCH,
-                              device=plan.device, on_progress=on_progress)
-    stages = len(candidates) - (candidates[-1].label.startswith("original @"))
-    if stages == len(candidates):
+        log.info("Evaluating %s on %s.", ", ".join(c.label for c in candidates + [baseline] if c), data.source)
+    reports = evaluate_models(candidates + ([baseline] if baseline else []), data, teacher=original if isinstance(data, ImageFolder) else None,
+                              batch=EVAL_BATCH, device=plan.device, on_progress=on_progress)
+    if baseline is None:
         return reports, None, None
-    return reports[:stages], reports[-1], Verdict.of(watched_metric(original, data), reports[2], reports[-1])
+    return reports[:-1], reports[-1], Verdict.of(watched_metric(original, data), reports[2], reports[-1])

@@ -9,7 +9,6 @@ A family's own format (an Ultralytics dataset YAML) is read by its adapter.
 
 from __future__ import annotations
 
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -63,8 +62,3 @@ def read_generic_data(path: Path) -> LabelledImages | ImageFolder:
     if class_dirs:
         return read_class_folders(path, class_dirs)
     raise DfbfError(f"Data folder '{path}' holds no images (looked for {', '.join(sorted(IMAGE_SUFFIXES))}).")
-
-
-def temporary_folder() -> tempfile.TemporaryDirectory:
-    """A scratch folder removed afterwards (resolved YAMLs, teacher pseudo-labels, size probes)."""
-    return tempfile.TemporaryDirectory(prefix="dfbf-")

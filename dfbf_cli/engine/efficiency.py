@@ -12,7 +12,7 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from dfbf_cli.contract import ModelAdapter
-from dfbf_cli.engine.data import temporary_folder
+from dfbf_cli.engine.files import temporary_folder
 from dfbf_cli.engine.runtime import free_memory_bytes
 from dfbf_cli.errors import DfbfError
 from dfbf_cli.settings import Scope
@@ -23,9 +23,9 @@ WARMUP_RUNS = 3
 @dataclass(frozen=True)
 class Efficiency:
     imgsz: int
-    params: int
-    backbone_params: int
-    gflops: float
+    params: int | None  # None: unknown (an export that does not record its source)
+    backbone_params: int | None
+    gflops: float | None
     latency_cpu_ms: float
     latency_device_ms: float | None
     file_mb: float
@@ -46,8 +46,15 @@ def gflops(model: nn.Module, example: torch.Tensor) -> float:
     return counter.get_total_flops() / 1e9
 
 
-def example_input(adapter: ModelAdapter, imgsz: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    return torch.rand(1, adapter.input_spec.channels, imgsz, imgsz, generator=torch.Generator().manual_seed(0)).to(device)
+def example_input(imgsz: int, device: torch.device | str = "cpu") -> torch.Tensor:
+    """One seeded RGB image of ``imgsz`` (FLOP counts, latency, shape probes)."""
+    return torch.rand(1, 3, imgsz, imgsz, generator=torch.Generator().manual_seed(0)).to(device)
+
+
+def model_gflops(adapter: ModelAdapter, imgsz: int) -> float | None:
+    """GFLOPs at ``imgsz``: counted, or as an export records them."""
+    cost = adapter.static_cost()
+    return cost[2] if cost is not None else gflops(adapter.model.eval().cpu(), example_input(imgsz))
 
 
 def median_latencies_ms(models: list[nn.Module], examples: list[torch.Tensor], runs: int) -> list[float]:
@@ -83,7 +90,7 @@ def file_size_mb(adapter: ModelAdapter) -> float:
 def measure_efficiency(entries: list[tuple[ModelAdapter, int]], *, device: torch.device, runs: int = 10) -> list[Efficiency]:
     """Efficiency of several (model, input size) pairs measured together (latencies interleaved, see above)."""
     models = [adapter.model.eval().cpu() for adapter, _ in entries]
-    examples = [example_input(adapter, imgsz) for adapter, imgsz in entries]
+    examples = [example_input(imgsz) for _, imgsz in entries]
     device_ms: list[float | None] = [None] * len(models)
     if device.type != "cpu":
         device_ms = median_latencies_ms([m.to(device) for m in models], [e.to(device) for e in examples], runs)
@@ -111,7 +118,7 @@ def activation_bytes(adapter: ModelAdapter, imgsz: int, batch: int) -> int:
     hooks = [m.register_forward_hook(count) for m in adapter.model.modules() if not list(m.children())]
     try:
         with torch.inference_mode():
-            adapter.model.eval().cpu()(example_input(adapter, probe))
+            adapter.model.eval().cpu()(example_input(probe))
     finally:
         for hook in hooks:
             hook.remove()
@@ -124,6 +131,8 @@ def check_imgsz(adapter: ModelAdapter, imgsz: int, batch: int, device: torch.dev
     if imgsz < stride or imgsz % stride:
         near = max(stride, round(imgsz / stride) * stride)
         raise DfbfError(f"--imgsz {imgsz} is not a multiple of {adapter.name}'s stride {stride}; use {near}.")
+    if adapter.static_cost() is not None:
+        return  # an export runs at its own size only, and holds no activations to count here
     needed = activation_bytes(adapter, imgsz, batch) * (3 if training else 1)  # saved activations, their gradients, the teacher
     available = free_memory_bytes(device)
     if needed > available:

@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 from dfbf_cli.contract import EvalData, ImageFolder, Metric, ModelAdapter
-from dfbf_cli.engine.efficiency import Efficiency, measure_efficiency
+from dfbf_cli.engine.efficiency import Efficiency, measure_efficiency, model_gflops
 from dfbf_cli.engine.progress import ProgressCallback, ProgressEvent, ignore
 from dfbf_cli.errors import DfbfError
 
@@ -35,12 +35,6 @@ class ModelReport:
         return {"name": self.name, "family": self.family, "task": self.task, "metrics": self.metrics, "efficiency": self.efficiency.to_dict()}
 
 
-def check_same_kind(student: ModelAdapter, teacher: ModelAdapter) -> None:
-    """A teacher must be of the same family and task as the model it teaches or judges."""
-    if (student.family, student.task) != (teacher.family, teacher.task):
-        raise DfbfError(f"Teacher {teacher.describe()} does not match {student.describe()}: they must be the same family and task.")
-
-
 def watched_metric(adapter: ModelAdapter, data: EvalData) -> Metric:
     """The metric a quality gate watches on ``data``: the task metric, or its agreement form on photos."""
     metric = adapter.primary_metric()
@@ -52,7 +46,7 @@ def check_evaluation(adapter: ModelAdapter, data: EvalData, teacher: ModelAdapte
     if isinstance(data, ImageFolder):
         if teacher is None:
             raise DfbfError(f"{data.source} holds unlabelled images: pass --teacher MODEL to measure agreement with it.")
-        check_same_kind(adapter, teacher)
+        adapter.check_same_kind(teacher)
     else:
         if teacher is not None:
             raise DfbfError("--teacher needs --data to be a folder of unlabelled images (agreement is measured there).")
@@ -72,16 +66,25 @@ def task_metrics(adapter: ModelAdapter, data: EvalData, *, teacher: ModelAdapter
     return metrics
 
 
-def equal_cost_imgsz(original: ModelAdapter, original_gflops: float, target_gflops: float, imgsz: int) -> int | None:
+def equal_cost_imgsz(original: ModelAdapter, original_gflops: float, target_gflops: float | None, imgsz: int) -> int | None:
     """The input size (a multiple of the stride, below ``imgsz``) at which the original costs about
     ``target_gflops`` (convolutions scale with the pixel count); None without a free input size."""
-    if not original.free_input_size or target_gflops >= original_gflops:
+    if not original.free_input_size or not target_gflops or target_gflops >= original_gflops:
         return None
     stride = original.input_spec.stride
     sizes = range(stride, imgsz, stride)
     if not sizes:
         return None
     return min(sizes, key=lambda s: abs(math.log(original_gflops * (s / imgsz) ** 2 / target_gflops)))
+
+
+def free_alternative(original: ModelAdapter, cheaper: ModelAdapter, imgsz: int, label: str) -> Candidate | None:
+    """``original`` at the input size where it costs what ``cheaper`` costs at ``imgsz`` (None where there is
+    no such size: no free input size, another family, not cheaper)."""
+    if (cheaper.family, cheaper.task) != (original.family, original.task):
+        return None
+    size = equal_cost_imgsz(original, model_gflops(original, imgsz), model_gflops(cheaper, imgsz), imgsz)
+    return None if size is None else Candidate(f"{label} @ {size} px", original, size)
 
 
 def evaluate_models(

@@ -59,7 +59,7 @@ def export(adapter: ModelAdapter, fmt: ExportFormat, out: Path, *, imgsz: int, c
     """Write ``adapter`` as ``fmt`` (INT8 when a calibration set is given) to ``out``, which appears only
     once complete."""
     images = None if calibration is None else calibration_images(calibration)
-    example = example_input(adapter, imgsz)
+    example = example_input(imgsz)
     record = {
         "dfbf_version": __version__, "format": str(fmt), "precision": "int8" if images is not None else "fp32", "imgsz": imgsz,
         "input_spec": adapter.input_spec.to_dict(), "classes": adapter.synthesis_classes(),
@@ -91,10 +91,13 @@ def _embed(onnx_file: Path, record: dict) -> None:
 
 def read_record(path: Path) -> dict | None:
     """The record of a dfbf export (folder or .onnx), or None if dfbf did not write it."""
-    if path.is_dir():
-        return json.loads((path / RECORD).read_text()) if (path / RECORD).is_file() else None
-    import onnx
+    try:
+        if path.is_dir():
+            return json.loads((path / RECORD).read_text()) if (path / RECORD).is_file() else None
+        import onnx
 
-    model = onnx.load(str(path), load_external_data=False)
-    entry = next((p for p in model.metadata_props if p.key == RECORD), None)
-    return None if entry is None else json.loads(entry.value)
+        model = onnx.load(str(path), load_external_data=False)
+        entry = next((p for p in model.metadata_props if p.key == RECORD), None)
+        return None if entry is None else json.loads(entry.value)
+    except Exception as error:  # a damaged file: onnx and json raise many types
+        raise DfbfError(f"'{path}' is not a readable export ({str(error).splitlines()[0] if str(error) else type(error).__name__}).") from error

@@ -7,6 +7,7 @@ import hashlib
 import json
 import math
 import os
+import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import Enum
@@ -27,6 +28,11 @@ def atomic_path(path: Path) -> Iterator[Path]:
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def temporary_folder() -> tempfile.TemporaryDirectory:
+    """A scratch folder removed afterwards (resolved YAMLs, teacher pseudo-labels, file sizes)."""
+    return tempfile.TemporaryDirectory(prefix="dfbf-")
 
 
 def write_json(path: Path, document: Any) -> None:

@@ -20,8 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfbf_cli.contract import ModelAdapter
-from dfbf_cli.engine.distributed import current, mean
-from dfbf_cli.engine.evaluate import check_same_kind
+from dfbf_cli.engine.distributed import check_batch_split, current, rank_mean
 from dfbf_cli.engine.features import FeatureTaps, tap_weights, weighted_distance
 from dfbf_cli.engine.files import atomic_path
 from dfbf_cli.engine.progress import ProgressCallback, ProgressEvent, ignore
@@ -68,14 +67,15 @@ def _cosine_lr(settings: FinetuneSettings, epoch: int) -> float:
 
 def _tap_shapes(adapter: ModelAdapter, scope: Scope, imgsz: int) -> list[tuple[str, torch.Size]]:
     split = adapter.split(scope)
+    device = next(adapter.model.parameters()).device
     with torch.no_grad(), FeatureTaps(adapter.model, split.feature_taps) as taps:
-        split.backbone.eval()(torch.zeros(1, adapter.input_spec.channels, imgsz, imgsz))
+        split.backbone.eval()(torch.zeros(1, 3, imgsz, imgsz, device=device))
         return list(zip(split.feature_taps, (t.shape for t in taps.take())))
 
 
 def fitting_scope(student: ModelAdapter, teacher: ModelAdapter, imgsz: int) -> Scope:
     """The narrowest scope at whose taps student and teacher agree in shape: where the student was pruned."""
-    check_same_kind(student, teacher)
+    student.check_same_kind(teacher)
     for scope in Scope:
         if _tap_shapes(student, scope, imgsz) == _tap_shapes(teacher, scope, imgsz):
             return scope
@@ -84,7 +84,7 @@ def fitting_scope(student: ModelAdapter, teacher: ModelAdapter, imgsz: int) -> S
 
 def check_compatible(student: ModelAdapter, teacher: ModelAdapter, imgsz: int, scope: Scope) -> None:
     """The teacher must be the student's unpruned original: same kind, same taps of the same shapes."""
-    check_same_kind(student, teacher)
+    student.check_same_kind(teacher)
     for (name, s_shape), (_, t_shape) in zip(_tap_shapes(student, scope, imgsz), _tap_shapes(teacher, scope, imgsz)):
         if s_shape != t_shape:
             raise DfbfError(
@@ -156,8 +156,7 @@ def finetune(
     n, batch = len(images), min(settings.batch, len(images))
     steps = n // batch  # drop the ragged last batch: BatchNorm statistics need full batches
     world = current()
-    if batch % world.size:
-        raise DfbfError(f"--batch {batch} does not split evenly over the {world.size} processes; use a multiple of {world.size}.")
+    check_batch_split(batch)
     share = slice(world.rank * batch // world.size, (world.rank + 1) * batch // world.size)  # this rank's part of every batch
     student_backbone = s_split.backbone
     if world.distributed:  # gradients averaged over the ranks: the same steps as one process with the whole batch
@@ -182,7 +181,8 @@ def finetune(
                         targets = t_taps.take()
                     student_backbone(x)
                     loss, losses = weighted_distance(s_taps.take(), targets, weights, settings.loss)
-                if not torch.isfinite(loss):
+                finite = rank_mean(float(torch.isfinite(loss))) == 1.0  # under torchrun, every rank stops together
+                if not finite:
                     state_path.unlink(missing_ok=True)  # a diverging run is not worth resuming
                     raise DfbfError(f"Fine-tuning diverged at epoch {epoch + 1}, step {step + 1} (the loss is {loss.item()}); "
                                     f"nothing was saved: lower --lr (now {settings.lr:g}).")
@@ -198,7 +198,7 @@ def finetune(
             if not all(math.isfinite(float(p.detach().abs().sum())) for p in params):
                 state_path.unlink(missing_ok=True)
                 raise DfbfError(f"Fine-tuning diverged at epoch {epoch + 1} (the weights are no longer finite); nothing was saved: lower --lr.")
-            history.append(EpochRecord(epoch + 1, mean(total / steps), [mean(v) for v in (tap_totals / steps).tolist()],
+            history.append(EpochRecord(epoch + 1, rank_mean(total / steps), [rank_mean(v) for v in (tap_totals / steps).tolist()],
                                        steps * batch / (time.perf_counter() - started)))
             if world.main:
                 with atomic_path(state_path) as tmp:
@@ -206,6 +206,7 @@ def finetune(
                                 "epoch": epoch + 1, "identity": identity, "history": [asdict(r) for r in history]}, tmp)
     student.model.eval().requires_grad_(False)
     reattach_head(student, teacher, scope)
+    student.weights_changed()
     return history
 
 

@@ -151,23 +151,29 @@ def _unreachable(smallest: float, original: float, budget: float) -> DfbfError:
     )
 
 
-def sensitivity_weights(
+def group_costs(
     adapter: ModelAdapter, groups: list[ChannelGroup], probe: torch.Tensor, flops: FlopModel, settings: PruneSettings, *,
     device: torch.device, on_progress: ProgressCallback = ignore,
 ) -> dict[str, float]:
-    """How much more (or less) than the rest each group should be pruned, measured data-free: each group
-    alone at half its channels, its feature distance to the original on synthetic images per GFLOP saved,
-    against the median group's; weight = (median / own)^½, within [¼, 4]."""
-    cost_per_gflop = {}
+    """What each group costs, measured data-free: the group alone at half its channels, its feature distance
+    to the original on synthetic images, per GFLOP saved (groups that cannot shrink are left out)."""
+    costs = {}
     for index, group in enumerate(groups):
         keep = max(_floor(group, settings), replace(settings, ratio=SENSITIVITY_RATIO).keep_count(group.size))
         saved = flops.gflops({}) - flops.gflops({group.name: keep})
         if keep < group.size and saved > 0:
             alone = cut(adapter, groups, {group.name: keep}, settings.criterion)
-            cost_per_gflop[group.name] = feature_gap(alone, adapter, probe, scope=settings.scope, device=device) / saved
+            costs[group.name] = feature_gap(alone, adapter, probe, scope=settings.scope, device=device) / saved
         on_progress(ProgressEvent("sensitivity", index + 1, len(groups), {"group": group.name}))
-    median = statistics.median(cost_per_gflop.values())
-    return {name: min(WEIGHT_RANGE[1], max(WEIGHT_RANGE[0], math.sqrt(median / max(cost, 1e-12)))) for name, cost in cost_per_gflop.items()}
+    return costs
+
+
+def sensitivity_weights(costs: dict[str, float]) -> dict[str, float]:
+    """How much more (or less) than the rest each group is pruned: (median cost / own cost)^½, within [¼, 4]."""
+    if not costs:
+        raise DfbfError("No channel group can shrink under these settings (--min-channels, --round-to); nothing to allocate.")
+    median = statistics.median(costs.values())
+    return {name: min(WEIGHT_RANGE[1], max(WEIGHT_RANGE[0], math.sqrt(median / max(cost, 1e-12)))) for name, cost in costs.items()}
 
 
 def plan_keep(
@@ -179,13 +185,16 @@ def plan_keep(
     groups = adapter.channel_groups(settings.scope)
     if settings.ratio is not None:
         return {g.name: settings.keep_count(g.size) for g in groups}
-    flops = FlopModel(adapter.model.eval().cpu(), groups, torch.zeros(1, adapter.input_spec.channels, imgsz, imgsz))
+    if not groups:
+        raise DfbfError(f"{adapter.describe()} has no channel group that scope '{settings.scope}' may prune.")
+    flops = FlopModel(adapter.model.eval().cpu(), groups, torch.zeros(1, 3, imgsz, imgsz))
     budget = settings.flops * flops.gflops({})
     weights = {g.name: 1.0 for g in groups}
     if settings.allocation == Allocation.SENSITIVITY:
         if probe is None:
             raise DfbfError("--allocation sensitivity measures each group on synthetic images: pass --synthetic DIR (from 'dfbf synthesize').")
-        weights = {g.name: 0.0 for g in groups} | sensitivity_weights(adapter, groups, probe, flops, settings, device=device, on_progress=on_progress)
+        costs = group_costs(adapter, groups, probe, flops, settings, device=device, on_progress=on_progress)
+        weights = {g.name: 0.0 for g in groups} | sensitivity_weights(costs)
     return solve_ratio(groups, flops, budget, settings, weights)
 
 

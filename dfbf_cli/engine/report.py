@@ -28,7 +28,7 @@ def efficiency_cells(report: ModelReport) -> list[str]:
 def write_report(root: Path, request: dict, reports: list[ModelReport], history: list[EpochRecord], *, metric: str | None,
                  drop: float | None, fidelity: dict[str, float], baseline: ModelReport | None, verdict: Verdict | None, precision: str,
                  files: dict[str, Path]) -> dict:
-    """Write the three reports; return what report.json holds. ``reports``: original, pruned, compressed;
+    """Write the three reports; return what report.json holds. ``reports``: original, pruned, compressed (and its export);
     ``metric``: the one watched (None without data) and ``drop`` its fall from original to compressed;
     ``fidelity``: feature distance to the original on fresh synthetic images, per stage; ``baseline``
     and ``verdict``: the original at the input size of equal GFLOPs and how the compressed model compares;

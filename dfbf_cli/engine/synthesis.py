@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfbf_cli.contract import IMAGENET, BackboneSplit, InputSpec, ModelAdapter
-from dfbf_cli.engine.distributed import barrier, current
+from dfbf_cli.engine.distributed import barrier, current, main_first
 from dfbf_cli.engine.progress import ProgressCallback, ProgressEvent, ignore
 from dfbf_cli.engine.runtime import autocast
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
@@ -180,10 +180,6 @@ class SynthesisPlan:
     classes: int | None
     shard_sizes: list[int]
 
-    @property
-    def total_iterations(self) -> int:
-        return len(self.shard_sizes) * (self.settings.low_res_iterations + self.settings.iterations)
-
 
 def plan_synthesis(
     adapter: ModelAdapter, out: Path, *, num_images: int, imgsz: int, batch: int, settings: SynthesisSettings, seed: int,
@@ -194,17 +190,11 @@ def plan_synthesis(
     classes = adapter.synthesis_classes() if settings.class_weight > 0 else None
     if classes is None:
         settings = replace(settings, class_weight=0.0)
-    world = current()
-    if world.main:  # creates the folder, or continues it (adopting shards an interrupted run of several processes finished)
-        dataset = SyntheticDataset.create_or_resume(
-            out,
-            teacher={"name": adapter.name, "family": adapter.family, "task": adapter.task, "fingerprint": adapter.fingerprint()},
-            input_spec=adapter.input_spec.to_dict(), imgsz=imgsz,
-            generation={**settings.to_dict(), "seed": seed, "batch": batch, "precision": str(precision)},
-        )
-    barrier()
-    if not world.main:
-        dataset = SyntheticDataset.open(out)
+    made = main_first(lambda: SyntheticDataset.create_or_resume(  # new, or continued (adopting shards other processes finished)
+        out, teacher={"name": adapter.name, "family": adapter.family, "task": adapter.task, "fingerprint": adapter.fingerprint()},
+        input_spec=adapter.input_spec.to_dict(), imgsz=imgsz, generation={**settings.to_dict(), "seed": seed, "batch": batch, "precision": str(precision)},
+    ))
+    dataset = made or SyntheticDataset.open(out)
     remaining = max(0, num_images - dataset.num_images)
     sizes = [min(batch, remaining - start) for start in range(0, remaining, batch)]
     if len(sizes) > 1 and sizes[-1] == 1:  # a lone image has no batch statistics: join it to the previous shard
