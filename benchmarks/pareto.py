@@ -13,7 +13,7 @@ Every command but report appends JSON lines to --results (default /tmp/dfbf-pare
 skips a point already there, so a long series can be run piece by piece. Synthetic sets, run directories
 and finished steps (metrics, wall times) are kept under --work (default /tmp/dfbf-pareto): an
 interrupted command resumes. dfbf commands run in fresh processes, as a user runs them, and are timed
-(dfbf points: --scope trunk by default; --extra passes the rest of the line to `dfbf compress`). Each
+(dfbf points: dfbf's default --scope; --extra passes the rest of the line to `dfbf compress`). Each
 dfbf point's latency is timed interleaved with the original at 640 px (latency_original_ms), comparable
 with the free curve's. Run on an otherwise idle machine: latencies and wall times are part of the result.
 """
@@ -39,7 +39,7 @@ from common import asset, machine, private_copy
 
 from dfbf_cli.adapters import load_data, load_model
 from dfbf_cli.engine.efficiency import measure_efficiency
-from dfbf_cli.settings import Allocation, Scope
+from dfbf_cli.settings import DEFAULT_SCOPE, Allocation, Scope
 
 CPU = torch.device("cpu")
 WORK = Path("/tmp/dfbf-pareto")
@@ -136,10 +136,11 @@ def dfbf(case: str, flops: list[float], scope: str, allocation: str, rounds: int
                          "report_free_alternative": verdict, "command": shlex.join(command)})
 
 
-def cifar(seeds: list[int], results: Path, work: Path) -> None:
+def cifar(seeds: list[int], allocation: str, results: Path, work: Path) -> None:
+    """ResNet-56 at ratio 0.5 (uniform), or at the same GFLOPs (0.502) shared by --allocation sensitivity."""
     weights, npz = str(asset("models/cifar10-resnet56.th")), str(asset("data/cifar10-test-dev.npz"))
     todo = pending(results, [{"case": "cifar", "kind": k, "imgsz": 32} for k in ("original", "dense")]
-                   + [{"case": "cifar", "kind": "dfbf", "imgsz": 32, "seed": s} for s in seeds])
+                   + [{"case": "cifar", "kind": "dfbf", "imgsz": 32, "seed": s, "allocation": allocation} for s in seeds])
     if not todo:
         print(f"cifar: every point is in {results}")
         return
@@ -148,8 +149,9 @@ def cifar(seeds: list[int], results: Path, work: Path) -> None:
     top1 = {kind: model.evaluate(data, imgsz=32, batch=500, device=CPU)["top1"] for kind, model in (("original", original), ("dense", dense))}
     runs = []
     for point in (p for p in todo if p["kind"] == "dfbf"):
-        run = work / f"run-cifar-s{point['seed']}"
-        command = ["dfbf", "compress", "cifar-resnet56", "--weights", weights, "--ratio", "0.5", "--seed", str(point["seed"]), "--data", npz,
+        run = work / f"run-cifar-{allocation}-s{point['seed']}"
+        target = ["--ratio", "0.5"] if allocation == Allocation.UNIFORM.value else ["--flops", "0.502", "--allocation", allocation]
+        command = ["dfbf", "compress", "cifar-resnet56", "--weights", weights, *target, "--seed", str(point["seed"]), "--data", npz,
                    "--out", str(run), "--device", "cpu", "-q"]
         wall = cached(run.with_name(run.name + ".json"), partial(minutes, command))
         report = json.loads((run / "report.json").read_text())
@@ -179,7 +181,8 @@ def setting(point: dict) -> str:
     if point["kind"] == "free":
         return f"original at {point['imgsz']} px"
     if point["case"] == "cifar":
-        return {"original": "ResNet-56", "dense": "ResNet-20"}.get(point["kind"], f"ResNet-56, ratio {point.get('ratio')}, seed {point.get('seed')}")
+        target = "ratio 0.5" if point.get("allocation", "uniform") == "uniform" else f"GFLOPs 0.502, {point['allocation']}"
+        return {"original": "ResNet-56", "dense": "ResNet-20"}.get(point["kind"], f"ResNet-56, {target}, seed {point.get('seed')}")
     extra = f", {shlex.join(point['extra'])}" if point["extra"] else ""
     return f"flops {point['flops_target']:g}, {point['scope']}, {point['allocation']}, {point['rounds']} round(s), seed {point['seed']}{extra}"
 
@@ -247,11 +250,11 @@ def report(results: Path, plot_path: Path | None) -> None:
         print(f"\n### {case}\n\n| kind | setting | GFLOPs | Δ GFLOPs vs original | latency ms | {' / '.join(metrics_of(case))} "
               "| wall time | vs the free curve at equal GFLOPs |\n|---|---|---|---|---|---|---|---|")
         print("\n".join(row(p, reference, free_points) for p in mine))
-        top1 = [p["top1"] for p in mine if p["kind"] == "dfbf"]
         original = [p["top1"] for p in mine if p["kind"] == "original"]
-        if case == "cifar" and top1 and original:
+        for allocation in sorted({p.get("allocation", "uniform") for p in mine if p["kind"] == "dfbf"} if case == "cifar" and original else ()):
+            top1 = [p["top1"] for p in mine if p["kind"] == "dfbf" and p.get("allocation", "uniform") == allocation]
             spread = statistics.stdev(top1) if len(top1) > 1 else 0.0
-            print(f"\ndfbf top-1 over {len(top1)} seed(s): {statistics.mean(top1):.2f} ± {spread:.2f} % "
+            print(f"\ndfbf ({allocation}) top-1 over {len(top1)} seed(s): {statistics.mean(top1):.2f} ± {spread:.2f} % "
                   f"({statistics.mean(top1) - original[0]:+.2f} vs the original's {original[0]:.2f} %)")
     if plot_path is not None:
         plot(points, cases, plot_path, machines)
@@ -267,13 +270,14 @@ def parser() -> argparse.ArgumentParser:
     run = commands.add_parser("dfbf", parents=[shared], help="dfbf compress at GFLOPs targets")
     run.add_argument("case", choices=CASES)
     run.add_argument("--flops", type=float, nargs="+", default=[0.85, 0.75, 0.65, 0.55])
-    run.add_argument("--scope", choices=[s.value for s in Scope], default=Scope.TRUNK.value)
+    run.add_argument("--scope", choices=[s.value for s in Scope], default=DEFAULT_SCOPE.value)
     run.add_argument("--allocation", choices=[a.value for a in Allocation], default=Allocation.UNIFORM.value)
     run.add_argument("--rounds", type=int, default=1)
     run.add_argument("--seed", type=int, default=0)
     run.add_argument("--extra", nargs=argparse.REMAINDER, default=[], help="the rest of the line goes to dfbf compress (last)")
-    commands.add_parser("cifar", parents=[shared], help="ResNet-56 at ratio 0.5 per seed, ResNet-20").add_argument(
-        "--seeds", type=int, nargs="+", default=[0, 1, 2])
+    cifar_run = commands.add_parser("cifar", parents=[shared], help="ResNet-56 at ratio 0.5 per seed, ResNet-20")
+    cifar_run.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    cifar_run.add_argument("--allocation", choices=[a.value for a in Allocation], default=Allocation.UNIFORM.value)
     commands.add_parser("report", parents=[shared], help="markdown tables, and a figure").add_argument("--plot", type=Path)
     return top
 
@@ -289,7 +293,7 @@ def main() -> None:
     elif args.command == "dfbf":
         dfbf(args.case, args.flops, args.scope, args.allocation, args.rounds, args.seed, args.extra, args.results, args.work)
     else:
-        cifar(args.seeds, args.results, args.work)
+        cifar(args.seeds, args.allocation, args.results, args.work)
 
 
 if __name__ == "__main__":

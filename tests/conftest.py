@@ -113,3 +113,18 @@ def pruned_copy(adapter, ratio: float, scope=None):
     from dfbf_cli.settings import PruneSettings, Scope
 
     return prune(adapter, PruneSettings(ratio, scope=scope or Scope.BACKBONE))[0]
+
+
+def stock_ultralytics_predicts(model: Path, imgsz: int, result_field: str) -> None:
+    """``ultralytics.YOLO(model)`` predicts on a blank image in a fresh process that never imports dfbf,
+    and the result has ``result_field`` (keypoints, boxes...)."""
+    import subprocess
+
+    script = (
+        "import sys, numpy as np\n"
+        "from ultralytics import YOLO\n"
+        f"results = YOLO({str(model)!r}).predict(np.zeros(({imgsz}, {imgsz}, 3), np.uint8), imgsz={imgsz}, verbose=False)\n"
+        f"assert 'dfbf_cli' not in sys.modules and results[0].{result_field} is not None\n"
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]

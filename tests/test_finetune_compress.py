@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -13,7 +11,7 @@ import torch
 import dfbf_cli.engine.finetune as finetune_module
 from dfbf_cli.adapters import load_model
 from dfbf_cli.settings import Precision, Scope
-from tests.conftest import cifar_subset, shared_asset
+from tests.conftest import cifar_subset, shared_asset, stock_ultralytics_predicts
 
 QUIET = ["--device", "cpu", "-q"]
 
@@ -205,14 +203,7 @@ def test_compress_yolo_end_to_end_loads_in_stock_ultralytics(run_cli, tmp_path, 
     report = json.loads(result.stdout)
     assert set(report["models"]) == {"original", "pruned", "compressed"}
     assert "pose_map50_95" in report["models"]["compressed"]["metrics"]
-    script = (
-        "import sys, numpy as np\n"
-        "from ultralytics import YOLO\n"
-        f"results = YOLO({str(tmp_path / 'run' / 'compressed.pt')!r}).predict(np.zeros((64, 64, 3), np.uint8), imgsz=64, verbose=False)\n"
-        "assert 'dfbf_cli' not in sys.modules and results[0].keypoints is not None\n"
-    )
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 0, done.stderr[-2000:]
+    stock_ultralytics_predicts(tmp_path / "run" / "compressed.pt", 64, "keypoints")
 
 
 def test_presets_budget_fine_tuning_in_optimiser_steps():

@@ -202,3 +202,32 @@ def test_refuses_to_overwrite_the_input(run_cli, tmp_path):
     torch.save(load_model("cifar-resnet20").model.state_dict(), model)
     result = run_cli("prune", "cifar-resnet20", "--weights", model, "--ratio", "0.3", "--out", model)
     assert result.code == 2 and "is --weights itself" in result.stderr
+
+
+@pytest.mark.parametrize("spec", ["yolo11n-pose.yaml", "yolov8n.yaml", "yolo11n-seg.yaml", "torchvision:mobilenet_v2", "cifar-resnet20"])
+def test_cutting_channels_that_carry_nothing_changes_nothing(spec):
+    """Each group's wiring (consumers, concatenation offsets, pooled copies) is right: channels whose
+    activations are exactly zero (BatchNorm scale and shift zeroed, so SiLU/ReLU gives 0) can be cut
+    from every group at once without changing the output."""
+    from dfbf_cli.engine.pruning import apply_pruning
+
+    adapter = load_model(spec)
+    model = adapter.model.eval()
+    groups = adapter.channel_groups(Scope.TRUNK)
+    kept = {}
+    with torch.no_grad():
+        for group in groups:
+            norm = next(model.get_submodule(p.module) for p in group.producers if isinstance(model.get_submodule(p.module), torch.nn.BatchNorm2d))
+            offset = next(p.offset for p in group.producers if isinstance(model.get_submodule(p.module), torch.nn.BatchNorm2d))
+            dropped = torch.arange(1, group.size, 3)  # every third channel
+            norm.weight[offset + dropped] = 0.0
+            norm.bias[offset + dropped] = 0.0
+            kept[group.name] = torch.tensor([c for c in range(group.size) if c not in set(dropped.tolist())])
+    size = min(adapter.input_spec.imgsz, 96)
+    x = torch.rand(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+    before = _outputs(adapter, x)
+    apply_pruning(model, groups, kept)
+    after = _outputs(adapter, x)
+    assert count_params(model) < count_params(load_model(spec).model)
+    for a, b in zip(before, after):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

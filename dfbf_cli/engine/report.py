@@ -78,10 +78,11 @@ def _plot(path: Path, reports: list[ModelReport], history: list[EpochRecord], me
     import matplotlib.pyplot as plt
 
     figure, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
-    colours = ["#888", "#c55", "#5a5", "#58c"]
+    colours = ["#888", "#c55", "#5a5", "#a6c", "#58c"]
     if metric is not None:
         left.bar([r.name for r in reports], [r.metrics.get(metric, 0.0) for r in reports], color=colours[: len(reports)])
         left.set_title(metric)
+        left.tick_params(axis="x", labelrotation=20)
     else:
         left.bar(list(fidelity), list(fidelity.values()), color=colours[1:3])
         left.set_title("feature distance to the original (fresh synthetic images)")
