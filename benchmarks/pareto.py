@@ -184,7 +184,13 @@ def setting(point: dict) -> str:
         target = "ratio 0.5" if point.get("allocation", "uniform") == "uniform" else f"GFLOPs 0.502, {point['allocation']}"
         return {"original": "ResNet-56", "dense": "ResNet-20"}.get(point["kind"], f"ResNet-56, {target}, seed {point.get('seed')}")
     extra = f", {shlex.join(point['extra'])}" if point["extra"] else ""
-    return f"flops {point['flops_target']:g}, {point['scope']}, {point['allocation']}, {point['rounds']} round(s), seed {point['seed']}{extra}"
+    via = f" ({point['via']})" if "via" in point else ""
+    return f"{target(point)}, {point['scope']}, {point['allocation']}, {point['rounds']} round(s), seed {point['seed']}{extra}{via}"
+
+
+def target(point: dict) -> str:
+    """A dfbf point's cost target: the GFLOPs asked for, or (benchmarks/levers.py) a uniform ratio."""
+    return f"ratio {point['ratio']:g}" if point.get("ratio") is not None and point["case"] != "cifar" else f"flops {point['flops_target']:g}"
 
 
 def row(point: dict, reference: float | None, free_points: list[dict]) -> str:
@@ -222,7 +228,7 @@ def plot(points: list[dict], cases: list[str], path: Path, machines: str) -> Non
                     ax.scatter([p[x] for p in group], [p[metric] for p in group], marker=marker, s=90, color=color, label=name, zorder=3)
                 if kind == "dfbf":  # annotated with their GFLOPs target (CIFAR: their seed)
                     for p in group:
-                        text = f"{p['flops_target']:g}" if "flops_target" in p else f"seed {p['seed']}"
+                        text = target(p) if p["case"] != "cifar" else f"seed {p['seed']}"
                         ax.annotate(text, (p[x], p[metric]), textcoords="offset points", xytext=(5, 4), fontsize=8, color=color)
             ax.set(xlabel=label, ylabel=metric, title=f"{case}: {metric} vs {label}")
             ax.grid(alpha=0.3)
@@ -246,7 +252,7 @@ def report(results: Path, plot_path: Path | None) -> None:
         free_points = [p for p in mine if p["kind"] == "free"]
         reference = next((p["gflops"] for p in mine if (p["kind"], p["imgsz"]) in (("free", 640), ("original", 32))), None)
         order = {"original": 0, "dense": 1, "free": 2, "dfbf": 3}
-        mine.sort(key=lambda p: (order[p["kind"]], -p["imgsz"], -p.get("flops_target", 0), p.get("seed") or 0))
+        mine.sort(key=lambda p: (order[p["kind"]], -p["imgsz"], -(p.get("flops_target") or 0), p.get("seed") or 0))
         print(f"\n### {case}\n\n| kind | setting | GFLOPs | Δ GFLOPs vs original | latency ms | {' / '.join(metrics_of(case))} "
               "| wall time | vs the free curve at equal GFLOPs |\n|---|---|---|---|---|---|---|---|")
         print("\n".join(row(p, reference, free_points) for p in mine))

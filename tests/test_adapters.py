@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -93,9 +94,10 @@ def test_yolo_checkpoint_round_trip_loads_in_stock_ultralytics_without_dfbf(tmp_
     assert done.stdout.split()[-2:] == ["pose", "1"]
 
 
-@pytest.mark.parametrize("suffix", [".safetensors", ".pth"])
+@pytest.mark.parametrize("suffix", [".safetensors", ".pth", ".th"])
 def test_classifier_round_trip_keeps_a_shrunk_architecture(tmp_path, suffix):
-    """A structurally smaller model (as pruning makes) saves and reloads from its state_dict shapes."""
+    """A structurally smaller model (as pruning makes) saves and reloads from its state_dict shapes, as MODEL
+    alone (the file names its architecture) or as the weights of that architecture."""
     from dfbf_cli.engine.surgery import resize_to_state_dict
 
     adapter = load_model("cifar-resnet20")
@@ -107,11 +109,35 @@ def test_classifier_round_trip_keeps_a_shrunk_architecture(tmp_path, suffix):
     resize_to_state_dict(adapter.model, state)
     adapter.model.load_state_dict(state)
     path = adapter.save(tmp_path / f"small{suffix}")
-    reloaded = load_model(str(path)) if suffix == ".safetensors" else load_model("cifar-resnet20", str(path))
-    assert reloaded.model.layer1[0].conv1.out_channels == 10
     x = _example(adapter)
-    with torch.no_grad():
-        torch.testing.assert_close(reloaded.model.eval()(x), adapter.model.eval()(x))
+    for reloaded in (load_model(str(path)), load_model("cifar-resnet20", str(path))):
+        assert reloaded.model.layer1[0].conv1.out_channels == 10
+        with torch.no_grad():
+            torch.testing.assert_close(reloaded.model.eval()(x), adapter.model.eval()(x))
+
+
+def test_evaluating_a_yolo_model_keeps_the_callers_torch_threads(random_pose):
+    """Ultralytics' validator sets torch's CPU threads to its own count for the whole process (1 on 2 cores)."""
+    from ultralytics.utils import NUM_THREADS
+
+    from dfbf_cli.adapters import load_data
+
+    model, data = random_pose
+    threads = torch.get_num_threads()
+    torch.set_num_threads(NUM_THREADS + 1)
+    try:
+        load_model(str(model)).evaluate(load_data(data), imgsz=64, batch=4, device=torch.device("cpu"))
+        assert torch.get_num_threads() == NUM_THREADS + 1
+    finally:
+        torch.set_num_threads(threads)
+
+
+def test_a_bare_state_dict_as_model_names_the_form_that_loads_it(tmp_path):
+    path = tmp_path / "r20.th"
+    torch.save({"state_dict": load_model("cifar-resnet20").model.state_dict()}, path)
+    form = re.escape(f"'cifar-resnet56 --weights {path}'")
+    with pytest.raises(DfbfError, match=f"does not say which architecture.*{form}"):
+        load_model(str(path))
 
 
 @pytest.mark.parametrize(

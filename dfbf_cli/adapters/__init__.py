@@ -4,7 +4,7 @@
 | --- | --- |
 | ``*.pt`` checkpoint, Ultralytics name (``yolo11n-pose.pt``), model YAML | :mod:`.yolo` |
 | ``torchvision:NAME`` (+ ``--weights FILE|NAME``), ``cifar-resnetN`` (+ ``--weights FILE``) | :mod:`.classifier` |
-| ``*.safetensors`` saved by dfbf (names its architecture) | :mod:`.classifier` |
+| ``*.safetensors``, ``*.th``, ``*.pth`` saved by dfbf (names its architecture) | :mod:`.classifier` |
 
 A new family is an adapter module (a :class:`~dfbf_cli.contract.ModelAdapter` subclass and its
 loader) plus its branch in :func:`load_model`, and in :func:`load_data` if it has its own data format.
@@ -18,6 +18,7 @@ from dfbf_cli.contract import EvalData, ModelAdapter
 from dfbf_cli.errors import DfbfError
 
 YOLO_SUFFIXES = {".pt", ".yaml", ".yml"}
+CLASSIFIER_SUFFIXES = {".safetensors", ".th", ".pth"}  # a dfbf-written one names its architecture; .pt is YOLO's
 
 
 def load_model(spec: str, weights: str | None = None, weights_option: str = "--weights") -> ModelAdapter:
@@ -30,12 +31,13 @@ def load_model(spec: str, weights: str | None = None, weights_option: str = "--w
     path = Path(spec).expanduser()
     if path.suffix == ".onnx" or (path.is_dir() and any(path.glob("*.xml"))):
         return _load_export(path, weights, weights_option)
-    if path.suffix == ".safetensors":
+    if path.suffix in CLASSIFIER_SUFFIXES:
         if not path.is_file():
             raise DfbfError(f"Model file '{spec}' does not exist.")
         arch = classifier.weights_record(path).get(classifier.ARCH_METADATA_KEY)
         if arch is None:
-            raise DfbfError(f"'{spec}' does not say which architecture it holds; give it as weights instead, e.g. 'torchvision:resnet18 --weights FILE'.")
+            raise DfbfError(f"'{spec}' does not say which architecture it holds; give it as weights instead, e.g. "
+                            f"'cifar-resnet56 --weights {spec}' or 'torchvision:resnet18 --weights {spec}'.")
         if weights:
             raise DfbfError(f"{weights_option} does not apply to '{spec}': the file holds its own weights.")
         return classifier.load_classifier(arch, str(path))
@@ -46,7 +48,7 @@ def load_model(spec: str, weights: str | None = None, weights_option: str = "--w
 
         return yolo.load_yolo(spec)
     if path.exists():
-        raise DfbfError(f"'{spec}' is not a model dfbf can read (expected .pt, .yaml or .safetensors).")
+        raise DfbfError(f"'{spec}' is not a model dfbf can read (expected .pt, .yaml, .safetensors, .th or .pth).")
     raise DfbfError(f"Unknown model '{spec}': give a YOLO checkpoint or YAML (model.pt, yolov8n-pose.yaml), 'torchvision:NAME' or 'cifar-resnetN'.")
 
 

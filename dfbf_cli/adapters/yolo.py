@@ -18,7 +18,8 @@ import logging
 import os
 import sys
 import zipfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -87,6 +88,18 @@ def ultralytics():
             LOGGER.handlers[index] = replacement
     LOGGER.setLevel(logging.getLogger("dfbf").getEffectiveLevel())
     return package
+
+
+@contextmanager
+def keeping_torch_threads() -> Iterator[None]:
+    """Ultralytics' device selection sets torch's CPU threads to its own count (cores − 1, at most 8) for
+    the rest of the process: on 2 cores, 1 thread. dfbf puts the caller's back, so that fine-tuning and
+    timing after an evaluation are not slowed."""
+    threads = torch.get_num_threads()
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 # -- tasks --------------------------------------------------------------------------------------------
@@ -416,7 +429,8 @@ class YoloAdapter(ModelAdapter):
         arguments = {"format": str(fmt), "imgsz": imgsz, "device": "cpu", "verbose": False}
         if calibration is not None:
             arguments |= {"quantize": 8, "data": str(self._calibration_dataset(folder / "calibration", calibration)), "fraction": 1.0, "batch": 1}
-        return Path(self._stock(folder).export(**arguments))
+        with keeping_torch_threads():
+            return Path(self._stock(folder).export(**arguments))
 
     def load_export(self, path: Path) -> YoloAdapter:
         return ExportedYolo(path)
@@ -481,10 +495,11 @@ class YoloAdapter(ModelAdapter):
         return {f"{name}_noise_{NOISE_SIGMA:g}": value for name, value in metrics.items()}
 
     def _validate(self, folder: Path, data_yaml: Path, *, imgsz: int, batch: int, device: torch.device) -> dict[str, float]:
-        results = self._stock(folder).val(
-            data=str(data_yaml), imgsz=imgsz, batch=batch, device=str(device), plots=False,
-            verbose=False, save_json=False, project=str(folder), name="val", workers=0,
-        )
+        with keeping_torch_threads():
+            results = self._stock(folder).val(
+                data=str(data_yaml), imgsz=imgsz, batch=batch, device=str(device), plots=False,
+                verbose=False, save_json=False, project=str(folder), name="val", workers=0,
+            )
         return {name: float(results.results_dict[key]) for name, key in self.yolo_task.metrics}
 
     def agreement(self, teacher: ModelAdapter, images: ImageFolder, *, imgsz: int, batch: int, device: torch.device) -> dict[str, float]:
@@ -492,7 +507,7 @@ class YoloAdapter(ModelAdapter):
         self.check_same_kind(teacher)
         if self.task == "classify":
             return top1_agreement(self.scorer(device), teacher.scorer(device), images, imgsz=imgsz, batch=batch)
-        with temporary_folder() as tmp:
+        with temporary_folder() as tmp, keeping_torch_threads():
             task, labels = self.yolo_task, {}
             for result in teacher._stock(Path(tmp), "teacher").predict([str(p) for p in images.files], imgsz=imgsz, device=str(device),
                                                                        verbose=False, stream=True):

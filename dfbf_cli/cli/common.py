@@ -40,7 +40,7 @@ WeightsOption = Annotated[str | None, typer.Option("--weights", help="For torchv
 TeacherWeightsOption = Annotated[str | None, typer.Option("--teacher-weights", help="Weights for a torchvision / CIFAR --teacher (as --weights).")]
 PresetOption = Annotated[PresetName, typer.Option("--preset", help="Budget: quick (minutes), balanced (the default), paper (the reference settings: slow).")]
 RatioOption = Annotated[float | None, typer.Option("--ratio", help="Fraction of each prunable group's channels to remove, 0 < R < 1 (the same "
-    "everywhere).", show_default=False)]
+    "everywhere). Channels, not cost: on yolo11n-pose's backbone 0.3 removes 12 % of the GFLOPs; ask for a cost with --flops.", show_default=False)]
 FlopsOption = Annotated[float | None, typer.Option("--flops", help="Instead of --ratio: the GFLOPs to keep, as a fraction of the original's (0.7 = "
     "30 % fewer), shared among the groups by --allocation.", show_default=False)]
 ScopeOption = Annotated[Scope, typer.Option("--scope", help="What may be pruned: backbone (DFBF's rule) or trunk (every layer before the task "
