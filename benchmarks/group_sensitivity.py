@@ -1,7 +1,7 @@
 """Which channel group costs yolo11n-pose the most when pruned alone, and does the data-free measure
 that `--allocation sensitivity` uses rank the groups as real data does?
 
-    .venv/bin/python benchmarks/group_sensitivity.py SYNTHETIC_DIR [--scope trunk] [--ratio 0.5]   # ≈15 min here
+    .venv/bin/python benchmarks/group_sensitivity.py SYNTHETIC_DIR [--scope trunk] [--ratio 0.5]   # ≈2 min here (backbone)
 
 Prunes one group at a time (one-shot L1, no fine-tuning) and reports, per group: the GFLOPs saved at
 640 px, pose / box mAP50-95 on coco-mini-pose, the real cost per GFLOP saved (pose mAP lost / GFLOPs),

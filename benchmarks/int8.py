@@ -11,14 +11,16 @@ clipped, seeded) as many as (a), and for YOLO (d) Ultralytics' own fallback, coc
 Every set is a synthetic-dataset folder, so one code path (dfbf_cli.engine.export.export) serves them all.
 YOLO: yolo11n-pose on coco-mini-pose at 640 px, OpenVINO; its real set is coco-mini-pose's own 28
 images, the evaluation images themselves, so (b) is optimistic. CIFAR: ResNet-56, OpenVINO and ONNX; real
-calibration on 300 images of half A of the dev file, every variant scored on half B. All variants of a
-table are timed interleaved (median CPU latency, batch 1). Run on an otherwise idle machine: latencies and
+calibration on 300 images of half A of the dev file, every variant scored on half B. Each variant is
+timed on its own (median CPU latency, batch 1): interleaved with other runtimes' thread pools, PyTorch's
+2-core latency read up to 20× too high. Run on an otherwise idle machine: latencies and
 export times are part of the result. WORK (--work, default /tmp/dfbf-int8) keeps the synthetic sets and exports.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import shlex
 import shutil
 import subprocess
@@ -33,7 +35,7 @@ from common import as_uint8, asset, cifar_dev_halves, machine, private_copy
 
 from dfbf_cli.adapters import load_data, load_model
 from dfbf_cli.contract import EvalData, ModelAdapter
-from dfbf_cli.engine.efficiency import measure_efficiency
+from dfbf_cli.engine.efficiency import Efficiency, measure_efficiency
 from dfbf_cli.engine.export import calibration_images, default_path, export
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
 from dfbf_cli.settings import ExportFormat
@@ -112,10 +114,12 @@ def variants(label: str, adapter: ModelAdapter, sets: dict[str, SyntheticDataset
     return rows
 
 
-def report(rows: list[Variant], sets: dict[str, str], metrics: dict[str, str], data: EvalData, *, imgsz: int, batch: int, scale: float) -> None:
-    """Score every variant, time them all interleaved, print the table and the targets."""
+def report(rows: list[Variant], sets: dict[str, str], metrics: dict[str, str], data: EvalData, *, imgsz: int, batch: int,
+           scale: float) -> list[tuple[Variant, dict[str, float], Efficiency]]:
+    """Score and time every variant, print the table and the targets; each variant with its scores and costs."""
     scores = [v.adapter.evaluate(data, imgsz=imgsz, batch=batch, device=CPU) for v in rows]
-    efficiency = measure_efficiency([(v.adapter, imgsz) for v in rows], device=CPU, runs=RUNS)
+    # one variant at a time: timed round-robin, one runtime's idle threads slow the next (2 cores: up to 20× for PyTorch)
+    efficiency = [measure_efficiency([(v.adapter, imgsz)], device=CPU, runs=RUNS)[0] for v in rows]
     print(f"| model | precision / format | calibration | {' | '.join(metrics.values())} | median CPU latency ms | file MB | export s |")
     print("|---|---|---|" + "---|" * len(metrics) + "---|---|---|")
     for v, score, cost in zip(rows, scores, efficiency):
@@ -133,6 +137,21 @@ def report(rows: list[Variant], sets: dict[str, str], metrics: dict[str, str], d
         print(f"- {model}: synthetic {point['a']:.1f} vs real {point['b']:.1f}: {'met' if abs(point['a'] - point['b']) <= 1.0 else 'NOT met'}; "
               f"vs noise {point['c']:.1f}: {'met' if point['a'] - point['c'] > 1.0 else 'NOT met'}; "
               f"{speedup:.1f}× faster than FP32 PyTorch: {'met' if speedup >= 2.0 else 'NOT met'}")
+    return list(zip(rows, scores, efficiency))
+
+
+def pareto_points(measured: list[tuple[Variant, dict[str, float], Efficiency]], results: Path) -> None:
+    """The dfbf-calibrated INT8 OpenVINO rows as points of benchmarks/pareto.py's pose plot, their latency
+    beside the original's FP32 PyTorch time in this process."""
+    original_ms = next(c.latency_cpu_ms for v, _, c in measured if v.precision == "FP32 PyTorch")
+    results.parent.mkdir(parents=True, exist_ok=True)
+    with results.open("a") as file:
+        for v, score, cost in measured:
+            if v.precision == "INT8 OpenVINO" and v.calibration == "a":
+                point = {"case": "pose", "kind": "int8", "imgsz": 640, "model": v.model, "gflops": cost.gflops, "latency_ms": cost.latency_cpu_ms,
+                         "latency_original_ms": original_ms, "pose_map50_95": score["pose_map50_95"], "box_map50_95": score["box_map50_95"],
+                         "command": COMMANDS[0], "machine": machine(CPU)}
+                file.write(json.dumps(point) + "\n")
 
 
 def labels(used: int, real: int, real_what: str, fallback: int | None) -> dict[str, str]:
@@ -141,7 +160,7 @@ def labels(used: int, real: int, real_what: str, fallback: int | None) -> dict[s
     return names | ({"d": f"(d) Ultralytics' fallback: coco8-pose val, {fallback}"} if fallback else {})
 
 
-def yolo(work: Path, compressed: Path | None, given: Path | None) -> None:
+def yolo(work: Path, compressed: Path | None, given: Path | None, results: Path) -> None:
     original = str(asset("models/yolo11n-pose.pt"))
     synthetic = synthetic_set([original], given, work / "synthetic")
     data = private_copy("coco-mini-pose")
@@ -157,8 +176,9 @@ def yolo(work: Path, compressed: Path | None, given: Path | None) -> None:
         COMMANDS.append(f"dfbf export {path} --format openvino --int8 --synthetic {synthetic.root} --imgsz 640")
     used = len(calibration_images(synthetic))
     names = labels(used, len(real), "real: coco-mini-pose, the evaluation images themselves (optimistic)", len(fallback))
-    report(rows, names, {"pose_map50_95": "pose mAP50-95 ×100", "box_map50_95": "box mAP50-95 ×100"}, load_data(data),
-           imgsz=640, batch=16, scale=100.0)
+    measured = report(rows, names, {"pose_map50_95": "pose mAP50-95 ×100", "box_map50_95": "box mAP50-95 ×100"}, load_data(data),
+                      imgsz=640, batch=16, scale=100.0)
+    pareto_points(measured, results)
 
 
 def cifar(work: Path, compressed: Path | None, given: Path | None) -> None:
@@ -186,10 +206,14 @@ def main() -> None:
     parser.add_argument("--compressed", type=Path, help="a compressed model to add (RUN/compressed.pt or RUN/compressed.safetensors)")
     parser.add_argument("--synthetic", type=Path, help="a synthetic set of the ORIGINAL model (default: made in WORK)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/dfbf-int8"))
+    parser.add_argument("--results", type=Path, default=Path("/tmp/dfbf-pareto/results.jsonl"), help="yolo: pareto.py's results file")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     print(f"machine: {machine(CPU)}\n")
-    {"yolo": yolo, "cifar": cifar}[args.case](args.work, args.compressed, args.synthetic)
+    if args.case == "yolo":
+        yolo(args.work, args.compressed, args.synthetic, args.results)
+    else:
+        cifar(args.work, args.compressed, args.synthetic)
     print("\ncommands:\n\n" + "\n".join(f"    {c}" for c in COMMANDS))
 
 

@@ -9,6 +9,7 @@ Task metric against GFLOPs and against measured CPU latency; the commands, in or
     .venv/bin/python benchmarks/pareto.py cifar --seeds 0 1 2     # ResNet-56 at ratio 0.5 per seed, beside the dense ResNet-20
     .venv/bin/python benchmarks/pareto.py report --plot docs/pareto.png     # markdown tables, and the figure
 
+benchmarks/levers.py (one lever per run) and benchmarks/int8.py yolo (INT8 points) add theirs to the same file.
 Every command but report appends JSON lines to --results (default /tmp/dfbf-pareto/results.jsonl) and
 skips a point already there, so a long series can be run piece by piece. Synthetic sets, run directories
 and finished steps (metrics, wall times) are kept under --work (default /tmp/dfbf-pareto): an
@@ -48,7 +49,7 @@ CASES = {"pose": ("models/yolo11n-pose.pt", "coco-mini-pose", ("pose_map50_95", 
          "person": ("models/yolo11n-person.pt", "coco-mini-person", ("box_map50_95",))}
 KEY_FIELDS = ("case", "kind", "imgsz", "flops_target", "scope", "allocation", "rounds", "seed", "extra")
 STYLES = {"dfbf": ("*", "tab:red", "dfbf compress"), "original": ("s", "black", "ResNet-56, original"),
-          "dense": ("D", "tab:blue", "ResNet-20, dense (smaller)")}
+          "dense": ("D", "tab:blue", "ResNet-20, dense (smaller)"), "int8": ("P", "tab:green", "INT8 OpenVINO, calibrated on dfbf images")}
 
 
 def metrics_of(case: str) -> tuple[str, ...]:
@@ -180,15 +181,17 @@ def free_curve_at(free_points: list[dict], gflops: float, metric: str) -> tuple[
 def setting(point: dict) -> str:
     if point["kind"] == "free":
         return f"original at {point['imgsz']} px"
+    if point["kind"] == "int8":
+        return f"{point['model']}, INT8 OpenVINO calibrated on its dfbf synthetic set (benchmarks/int8.py)"
     if point["case"] == "cifar":
         target = "ratio 0.5" if point.get("allocation", "uniform") == "uniform" else f"GFLOPs 0.502, {point['allocation']}"
         return {"original": "ResNet-56", "dense": "ResNet-20"}.get(point["kind"], f"ResNet-56, {target}, seed {point.get('seed')}")
     extra = f", {shlex.join(point['extra'])}" if point["extra"] else ""
     via = f" ({point['via']})" if "via" in point else ""
-    return f"{target(point)}, {point['scope']}, {point['allocation']}, {point['rounds']} round(s), seed {point['seed']}{extra}{via}"
+    return f"{cost_target(point)}, {point['scope']}, {point['allocation']}, {point['rounds']} round(s), seed {point['seed']}{extra}{via}"
 
 
-def target(point: dict) -> str:
+def cost_target(point: dict) -> str:
     """A dfbf point's cost target: the GFLOPs asked for, or (benchmarks/levers.py) a uniform ratio."""
     return f"ratio {point['ratio']:g}" if point.get("ratio") is not None and point["case"] != "cifar" else f"flops {point['flops_target']:g}"
 
@@ -200,11 +203,19 @@ def row(point: dict, reference: float | None, free_points: list[dict]) -> str:
     latency = f"{point['latency_ms']:.1f}" + (f" (original {point['latency_original_ms']:.1f})" if "latency_original_ms" in point else "")
     wall = "-" if "compress_min" not in point else f"{point.get('total_min', point['compress_min']):.0f} min" + (
         f" ({point['synthesis_min']:.0f} synthesis + {point['compress_min']:.0f} compress)" if "synthesis_min" in point else "")
-    at = free_curve_at(free_points, point["gflops"], shown[0]) if point["kind"] == "dfbf" else None
+    at = free_curve_at(free_points, point["gflops"], shown[0]) if point["kind"] in ("dfbf", "int8") else None
     versus = "-" if at is None else (f"{'above' if point[shown[0]] >= at[0] else 'below'} the free curve by {abs(point[shown[0]] - at[0]):.3f} "
                                      f"(free: {at[0]:.3f}{', extrapolated' if at[1] else ''})")
     return (f"| {point['kind']} | {setting(point)} | {point['gflops']:.3g} | {delta} | {latency} | "
             + " / ".join(f"{point[m]:.4g}" for m in shown) + f" | {wall} | {versus} |")
+
+
+def position(x: str, free_640_ms: float | None, point: dict) -> float:
+    """Where a point goes on axis ``x``. A dfbf point's latency was timed in its own process beside the
+    original: it is shown as that ratio times the free curve's 640-px latency, so that both share one clock."""
+    if x == "latency_ms" and free_640_ms and "latency_original_ms" in point:
+        return point["latency_ms"] / point["latency_original_ms"] * free_640_ms
+    return point[x]
 
 
 def plot(points: list[dict], cases: list[str], path: Path, machines: str) -> None:
@@ -217,20 +228,21 @@ def plot(points: list[dict], cases: list[str], path: Path, machines: str) -> Non
     for (left, right), case in zip(axes, cases):
         metric, mine = metrics_of(case)[0], [p for p in points if p["case"] == case]
         free_points = sorted((p for p in mine if p["kind"] == "free"), key=lambda p: p["gflops"])
-        for ax, x, label in ((left, "gflops", "GFLOPs"), (right, "latency_ms", "CPU latency, ms (batch 1)")):
+        for ax, x, label in ((left, "gflops", "GFLOPs"), (right, "latency_ms", "CPU latency, ms (batch 1; timed elsewhere: ratio to its original × 640 px)")):
             if free_points:
                 ax.plot([p[x] for p in free_points], [p[metric] for p in free_points], "o-", color="tab:gray", label="original at a smaller input size")
                 for p in free_points:
                     ax.annotate(f"{p['imgsz']}", (p[x], p[metric]), textcoords="offset points", xytext=(4, -10), fontsize=7)
+            at = partial(position, x, next((p["latency_ms"] for p in free_points if p["imgsz"] == 640), None))
             for kind, (marker, color, name) in STYLES.items():
                 group = [p for p in mine if p["kind"] == kind]
                 if group:
-                    ax.scatter([p[x] for p in group], [p[metric] for p in group], marker=marker, s=90, color=color, label=name, zorder=3)
+                    ax.scatter([at(p) for p in group], [p[metric] for p in group], marker=marker, s=90, color=color, label=name, zorder=3)
                 if kind == "dfbf":  # annotated with their GFLOPs target (CIFAR: their seed)
                     for p in group:
-                        text = target(p) if p["case"] != "cifar" else f"seed {p['seed']}"
-                        ax.annotate(text, (p[x], p[metric]), textcoords="offset points", xytext=(5, 4), fontsize=8, color=color)
-            ax.set(xlabel=label, ylabel=metric, title=f"{case}: {metric} vs {label}")
+                        text = cost_target(p) if p["case"] != "cifar" else f"seed {p['seed']}"
+                        ax.annotate(text, (at(p), p[metric]), textcoords="offset points", xytext=(5, 4), fontsize=8, color=color)
+            ax.set(xlabel=label, ylabel=metric, title=f"{case}: {metric} vs {label.split(',')[0]}")
             ax.grid(alpha=0.3)
             ax.legend(fontsize=8)
     fig.suptitle(f"Does compression pay? dfbf compress vs the original at smaller input sizes\n{machines}", fontsize=10)
@@ -251,7 +263,7 @@ def report(results: Path, plot_path: Path | None) -> None:
         mine = [p for p in points if p["case"] == case]
         free_points = [p for p in mine if p["kind"] == "free"]
         reference = next((p["gflops"] for p in mine if (p["kind"], p["imgsz"]) in (("free", 640), ("original", 32))), None)
-        order = {"original": 0, "dense": 1, "free": 2, "dfbf": 3}
+        order = {"original": 0, "dense": 1, "free": 2, "dfbf": 3, "int8": 4}
         mine.sort(key=lambda p: (order[p["kind"]], -p["imgsz"], -(p.get("flops_target") or 0), p.get("seed") or 0))
         print(f"\n### {case}\n\n| kind | setting | GFLOPs | Δ GFLOPs vs original | latency ms | {' / '.join(metrics_of(case))} "
               "| wall time | vs the free curve at equal GFLOPs |\n|---|---|---|---|---|---|---|---|")

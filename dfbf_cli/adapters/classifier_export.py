@@ -72,7 +72,9 @@ class RuntimeModel(nn.Module):
         else:
             import onnxruntime
 
-            session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            options = onnxruntime.SessionOptions()  # idle threads sleep: spinning ones slow whatever runs next (a PyTorch model timed beside it)
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
             self.run = lambda x: session.run(None, {"images": x})[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
