@@ -9,12 +9,14 @@ preset's steps) and of yolo11n-pose (32 images, batch 8, 160 px, 50 + 50 steps):
 the two datasets are identical (the shards' sha256 in dataset.json). (2) `dfbf finetune` of ResNet-20
 pruned at 0.5 on the 256-image CIFAR set, 30 epochs, the same global batch 32 (split over the ranks):
 wall time and top-1 on half B of the dev file; the 1-process run again with --seed 1 shows the noise that
-the 2-process result is to be within. Run on an otherwise idle machine: the wall times are the result.
+the 2-process result is to be within. (3) `dfbf finetune` of yolo11n-pose pruned at 0.3 on the 32-image
+set, 10 epochs, batch 8: wall time and the final feature loss. Run on an otherwise idle machine: the wall times are the result.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shlex
 import shutil
@@ -36,7 +38,8 @@ COMMANDS = [shlex.join([".venv/bin/python", "benchmarks/scale.py", *sys.argv[1:]
 
 
 def dfbf(args: list[str], processes: int, out: Path) -> float:
-    """``dfbf ARGS`` writing ``out`` (removed first, so nothing is continued), alone or as CORES ranks: its wall seconds."""
+    """``dfbf ARGS`` writing ``out`` (removed first, so nothing is continued), alone or as CORES ranks: its wall seconds.
+    A ``--json`` run's result is kept in ``out``.json."""
     if out.is_dir():
         shutil.rmtree(out)
     out.unlink(missing_ok=True)
@@ -44,8 +47,12 @@ def dfbf(args: list[str], processes: int, out: Path) -> float:
     launcher, threads = (TORCHRUN if processes > 1 else []), CORES // processes
     COMMANDS.append(f"OMP_NUM_THREADS={threads} " + shlex.join(["python", *launcher, "-m", "dfbf_cli", *args]))
     start = time.perf_counter()
-    subprocess.run([sys.executable, *launcher, "-m", "dfbf_cli", *args], check=True, env=os.environ | {"OMP_NUM_THREADS": str(threads)})
-    return time.perf_counter() - start
+    done = subprocess.run([sys.executable, *launcher, "-m", "dfbf_cli", *args], check=True, env=os.environ | {"OMP_NUM_THREADS": str(threads)},
+                          stdout=subprocess.PIPE, text=True)
+    seconds = time.perf_counter() - start
+    if "--json" in args:
+        out.with_name(out.name + ".json").write_text(done.stdout)
+    return seconds
 
 
 def shard_digests(root: Path) -> list[str]:
@@ -83,12 +90,30 @@ def finetune(weights: str, synthetic: Path, work: Path) -> list[str]:
     return rows
 
 
+def finetune_yolo(synthetic: Path, work: Path) -> list[str]:
+    """Table rows for fine-tuning yolo11n-pose pruned at 0.3 on the small synthetic set: alone and as CORES ranks."""
+    model = str(asset("models/yolo11n-pose.pt"))
+    pruned = work / "yolo11n-pose-p30.pt"
+    dfbf(["prune", model, "--ratio", "0.3", "--out", str(pruned), "--device", "cpu", "-q"], 1, pruned)
+    rows, alone = [], None
+    for processes in (1, CORES):
+        out = work / f"yolo11n-pose-p30-ft-{processes}proc.pt"
+        seconds = dfbf(["finetune", str(pruned), "--teacher", model, "--data", str(synthetic), "--out", str(out), "--epochs", "10", "--batch", "8",
+                        "--device", "cpu", "-q", "--json"], processes, out)
+        alone = alone or seconds
+        loss = json.loads(out.with_name(out.name + ".json").read_text())["history"][-1]["loss"]
+        threads = f"{CORES} threads" if processes == 1 else "1 thread"
+        rows.append(f"| finetune yolo11n-pose p0.3, 10 epochs × 4 steps, batch 8 | {processes} × {threads} | {seconds:.0f} | {alone / seconds:.2f} "
+                    f"| final feature loss {loss:.4f} |")
+    return rows
+
+
 def cpu(work: Path) -> None:
     weights = str(asset("models/cifar10-resnet20.th"))
     cifar_rows, cifar_set = synthesize("CIFAR ResNet-20", ["cifar-resnet20", "--weights", weights], ["--num-images", "256", "--batch", "32"], work)
-    yolo_rows, _ = synthesize("yolo11n-pose", [str(asset("models/yolo11n-pose.pt"))],
+    yolo_rows, yolo_set = synthesize("yolo11n-pose", [str(asset("models/yolo11n-pose.pt"))],
                               ["--num-images", "32", "--batch", "8", "--imgsz", "160", "--iterations", "50", "--low-res-iterations", "50"], work)
-    rows = cifar_rows + yolo_rows + finetune(weights, cifar_set, work)
+    rows = cifar_rows + yolo_rows + finetune(weights, cifar_set, work) + finetune_yolo(yolo_set, work)
     print("| job | processes × threads | wall s | speed-up | result |\n|---|---|---|---|---|")
     print("\n".join(rows))
 
