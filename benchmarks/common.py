@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import platform
 import shutil
 import sys
@@ -63,3 +64,14 @@ def pruned_with_ratios(original: ModelAdapter, ratio_of: Callable[[ChannelGroup]
     on where to prune, which the product's uniform / layer-dependent schedules do not express."""
     groups = original.channel_groups()
     return cut(original, groups, {g.name: PruneSettings(ratio_of(g)).keep_count(g.size) for g in groups}, Criterion.L1)
+
+
+PARETO_RESULTS = Path("/tmp/dfbf-pareto/results.jsonl")  # benchmarks/pareto.py's, which levers.py and int8.py add to
+
+
+def append_point(results: Path, point: dict, device: torch.device) -> None:
+    """One measured point of the Pareto plot, with the machine it was measured on, appended to ``results``."""
+    results.parent.mkdir(parents=True, exist_ok=True)
+    with results.open("a") as file:
+        file.write(json.dumps({**point, "machine": machine(device)}) + "\n")
+    print(json.dumps(point), flush=True)

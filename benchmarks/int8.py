@@ -20,7 +20,6 @@ export times are part of the result. WORK (--work, default /tmp/dfbf-int8) keeps
 from __future__ import annotations
 
 import argparse
-import json
 import shlex
 import shutil
 import subprocess
@@ -31,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from common import as_uint8, asset, cifar_dev_halves, machine, private_copy
+from common import PARETO_RESULTS, append_point, as_uint8, asset, cifar_dev_halves, machine, private_copy
 
 from dfbf_cli.adapters import load_data, load_model
 from dfbf_cli.contract import EvalData, ModelAdapter
@@ -144,14 +143,11 @@ def pareto_points(measured: list[tuple[Variant, dict[str, float], Efficiency]], 
     """The dfbf-calibrated INT8 OpenVINO rows as points of benchmarks/pareto.py's pose plot, their latency
     beside the original's FP32 PyTorch time in this process."""
     original_ms = next(c.latency_cpu_ms for v, _, c in measured if v.precision == "FP32 PyTorch")
-    results.parent.mkdir(parents=True, exist_ok=True)
-    with results.open("a") as file:
-        for v, score, cost in measured:
-            if v.precision == "INT8 OpenVINO" and v.calibration == "a":
-                point = {"case": "pose", "kind": "int8", "imgsz": 640, "model": v.model, "gflops": cost.gflops, "latency_ms": cost.latency_cpu_ms,
-                         "latency_original_ms": original_ms, "pose_map50_95": score["pose_map50_95"], "box_map50_95": score["box_map50_95"],
-                         "command": COMMANDS[0], "machine": machine(CPU)}
-                file.write(json.dumps(point) + "\n")
+    for v, score, cost in measured:
+        if v.precision == "INT8 OpenVINO" and v.calibration == "a":
+            append_point(results, {"case": "pose", "kind": "int8", "imgsz": 640, "model": v.model, "gflops": cost.gflops,
+                                   "latency_ms": cost.latency_cpu_ms, "latency_original_ms": original_ms, "pose_map50_95": score["pose_map50_95"],
+                                   "box_map50_95": score["box_map50_95"], "command": COMMANDS[0]}, CPU)
 
 
 def labels(used: int, real: int, real_what: str, fallback: int | None) -> dict[str, str]:
@@ -206,7 +202,7 @@ def main() -> None:
     parser.add_argument("--compressed", type=Path, help="a compressed model to add (RUN/compressed.pt or RUN/compressed.safetensors)")
     parser.add_argument("--synthetic", type=Path, help="a synthetic set of the ORIGINAL model (default: made in WORK)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/dfbf-int8"))
-    parser.add_argument("--results", type=Path, default=Path("/tmp/dfbf-pareto/results.jsonl"), help="yolo: pareto.py's results file")
+    parser.add_argument("--results", type=Path, default=PARETO_RESULTS, help="yolo: pareto.py's results file")
     args = parser.parse_args()
     args.work.mkdir(parents=True, exist_ok=True)
     print(f"machine: {machine(CPU)}\n")

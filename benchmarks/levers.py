@@ -17,7 +17,6 @@ Fine-tuning checkpoints go to --work: an interrupted run resumes, a finished one
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import shlex
 import sys
@@ -25,7 +24,7 @@ import time
 from pathlib import Path
 
 import torch
-from common import asset, machine, private_copy
+from common import PARETO_RESULTS, append_point, asset, private_copy
 
 from dfbf_cli.adapters import load_data, load_model
 from dfbf_cli.engine.compress import round_keep
@@ -50,7 +49,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=1)
     parser.add_argument("--epochs", type=int, help="in all (default: the balanced preset's 3,200 steps over the set)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/dfbf-levers"))
-    parser.add_argument("--results", type=Path, default=Path("/tmp/dfbf-pareto/results.jsonl"))
+    parser.add_argument("--results", type=Path, default=PARETO_RESULTS)
     args = parser.parse_args()
     tag = (f"{args.scope}-{'ratio' if args.ratio is not None else 'flops'}{args.ratio or args.flops:g}-{args.allocation}"
            f"-r{args.rounds}-{args.synthetic.name}")
@@ -81,11 +80,8 @@ def main() -> None:
              "gflops": after.gflops, "gflops_original": before.gflops, "latency_ms": after.latency_cpu_ms, "latency_original_ms": before.latency_cpu_ms,
              "pose_map50_95": scores[640]["pose_map50_95"], "box_map50_95": scores[640]["box_map50_95"], "loss": history[-1].loss,
              "finetune_min": minutes, "smaller_inputs": {size: [scores[size]["pose_map50_95"], scores[size]["box_map50_95"]] for size in (576, 512)},
-             "command": shlex.join([".venv/bin/python", "benchmarks/levers.py", *sys.argv[1:]]), "machine": machine(CPU)}
-    print(json.dumps(point), flush=True)
-    args.results.parent.mkdir(parents=True, exist_ok=True)
-    with args.results.open("a") as file:
-        file.write(json.dumps(point) + "\n")
+             "command": shlex.join([".venv/bin/python", "benchmarks/levers.py", *sys.argv[1:]])}
+    append_point(args.results, point, CPU)
 
 
 if __name__ == "__main__":

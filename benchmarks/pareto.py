@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from common import asset, machine, private_copy
+from common import PARETO_RESULTS, append_point, asset, machine, private_copy
 
 from dfbf_cli.adapters import load_data, load_model
 from dfbf_cli.engine.efficiency import measure_efficiency
@@ -69,13 +69,6 @@ def pending(results: Path, points: list[dict]) -> list[dict]:
     return [p for p in points if key(p) not in done]
 
 
-def append(results: Path, point: dict) -> None:
-    results.parent.mkdir(parents=True, exist_ok=True)
-    with results.open("a") as file:
-        file.write(json.dumps({**point, "machine": machine(CPU)}) + "\n")
-    print(json.dumps(point), flush=True)
-
-
 def cached(path: Path, compute: Callable[[], Any]) -> Any:
     """``compute()``, or what an earlier call saved in ``path`` (a resumed command keeps finished steps and their timings)."""
     if not path.exists():
@@ -104,7 +97,7 @@ def free(case: str, results: Path, work: Path) -> None:
         print(f"evaluate {model} on {dataset} at {size} px (batch 16)", flush=True)
         metrics[size] = cached(work / f"free-{case}-{size}.json", partial(original.evaluate, data, imgsz=size, batch=16, device=CPU))
     for size, eff in zip(todo, measure_efficiency([(original, s) for s in todo], device=CPU, runs=30)):
-        append(results, {"case": case, "kind": "free", "imgsz": size, "gflops": eff.gflops, "latency_ms": eff.latency_cpu_ms,
+        append_point(results, {"case": case, "kind": "free", "imgsz": size, "gflops": eff.gflops, "latency_ms": eff.latency_cpu_ms,
                          **{m: metrics[size][m] for m in shown}})
 
 
@@ -131,7 +124,7 @@ def dfbf(case: str, flops: list[float], scope: str, allocation: str, rounds: int
         compressed = original.reload(Path(report["files"]["compressed"]))
         before, after = measure_efficiency([(original, 640), (compressed, 640)], device=CPU, runs=30)
         verdict = report["free_alternative"] and {k: report["free_alternative"][k] for k in ("baseline_imgsz", "baseline", "compressed", "pays")}
-        append(results, {**point, "gflops": after.gflops, "gflops_original": before.gflops, "latency_ms": after.latency_cpu_ms,
+        append_point(results, {**point, "gflops": after.gflops, "gflops_original": before.gflops, "latency_ms": after.latency_cpu_ms,
                          "latency_original_ms": before.latency_cpu_ms, **{m: report["models"]["compressed"]["metrics"][m] for m in shown},
                          "synthesis_min": synthesis, "compress_min": compress, "total_min": synthesis + compress,
                          "report_free_alternative": verdict, "command": shlex.join(command)})
@@ -160,9 +153,9 @@ def cifar(seeds: list[int], allocation: str, results: Path, work: Path) -> None:
     reference, smaller, *compressed = measure_efficiency([(original, 32), (dense, 32)] + [(model, 32) for _, model, *_ in runs], device=CPU, runs=50)
     for point in (p for p in todo if p["kind"] != "dfbf"):
         eff = reference if point["kind"] == "original" else smaller
-        append(results, {**point, "top1": top1[point["kind"]], "gflops": eff.gflops, "latency_ms": eff.latency_cpu_ms})
+        append_point(results, {**point, "top1": top1[point["kind"]], "gflops": eff.gflops, "latency_ms": eff.latency_cpu_ms})
     for (point, _, accuracy, wall, command), eff in zip(runs, compressed):
-        append(results, {**point, "ratio": 0.5, "top1": accuracy, "gflops": eff.gflops, "gflops_original": reference.gflops,
+        append_point(results, {**point, "ratio": 0.5, "top1": accuracy, "gflops": eff.gflops, "gflops_original": reference.gflops,
                          "latency_ms": eff.latency_cpu_ms, "latency_original_ms": reference.latency_cpu_ms, "compress_min": wall,
                          "command": shlex.join(command)})
 
@@ -280,7 +273,7 @@ def report(results: Path, plot_path: Path | None) -> None:
 
 def parser() -> argparse.ArgumentParser:
     shared = argparse.ArgumentParser(add_help=False)
-    shared.add_argument("--results", type=Path, default=WORK / "results.jsonl", help="JSON lines file (default: %(default)s)")
+    shared.add_argument("--results", type=Path, default=PARETO_RESULTS, help="JSON lines file (default: %(default)s)")
     shared.add_argument("--work", type=Path, default=WORK, help="synthetic sets, run directories, finished steps (default: %(default)s)")
     top = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     commands = top.add_subparsers(dest="command", required=True)
