@@ -285,6 +285,11 @@ class ModelAdapter(ABC):
         given); return the artefact written (a folder or a file)."""
         raise DfbfError(f"{self.describe()} cannot be exported.")
 
+    def check_export_path(self, path: Path, fmt: ExportFormat) -> None:
+        """Refuse (one sentence) an export path under which the runtime that will read it would not recognise the format."""
+        if fmt == ExportFormat.ONNX and path.suffix != ".onnx":
+            raise DfbfError(f"--out {path}: an ONNX export is a file whose name ends in .onnx (runtimes recognise it by that).")
+
     def load_export(self, path: Path) -> ModelAdapter:
         """Read back what :meth:`export` wrote (to score it)."""
         raise DfbfError(f"{self.describe()} has no exported form.")

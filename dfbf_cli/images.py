@@ -20,7 +20,13 @@ def image_files(folder: Path) -> list[Path]:
     return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
 
 
+UNREADABLE = (UnidentifiedImageError, OSError, ValueError, ImportError, Image.DecompressionBombError)
+
+
 def _unreadable(path: Path, error: Exception) -> DfbfError:
+    if isinstance(error, Image.DecompressionBombError):
+        return DfbfError(f"Cannot read image {path}: it has more pixels than Pillow reads safely ({Image.MAX_IMAGE_PIXELS:,}, a guard against "
+                         "decompression bombs); shrink it or take it out of the folder.")
     if isinstance(error, ImportError):  # Ultralytics' Image.open patch reaches for pi-heif on any unknown file
         return DfbfError(f"Cannot read image {path}: Pillow does not recognise it (a HEIC/HEIF photo needs 'pip install pi-heif').")
     return DfbfError(f"Cannot read image {path}: {error}.")
@@ -31,7 +37,7 @@ def read_image(path: Path) -> torch.Tensor:
     try:
         with Image.open(path) as image:
             array = np.asarray(image.convert("RGB"))
-    except (UnidentifiedImageError, OSError, ValueError, ImportError) as error:
+    except UNREADABLE as error:
         raise _unreadable(path, error) from error
     return torch.from_numpy(array.copy()).permute(2, 0, 1)
 
@@ -41,7 +47,7 @@ def check_image(path: Path) -> None:
     try:
         with Image.open(path) as image:
             image.load()
-    except (UnidentifiedImageError, OSError, ValueError, ImportError) as error:
+    except UNREADABLE as error:
         raise _unreadable(path, error) from error
 
 

@@ -200,15 +200,38 @@ class FinetuneSettings:
     bn: BatchNormMode = BatchNormMode.TRAIN
     cutmix: bool = True  # +1.3 top-1 on CIFAR (docs/finetune.md)
     precision: Precision = Precision.AUTO
+    renew: int = 0  # synthetic images renewed each epoch by a few warm-started inversion steps (0: a fixed set)
+    renew_steps: int = 20
+    adversarial: float = 0.0  # weight of the student-teacher feature distance that renewed images maximise
 
     def validate(self) -> None:
         if self.epochs < 1 or self.batch < 2:
             raise DfbfError("--epochs must be at least 1 and --batch at least 2.")
         _positive("--lr", self.lr)
         _positive("--weight-decay", self.weight_decay, zero_allowed=True)
+        _positive("--adversarial", self.adversarial, zero_allowed=True)
+        if self.renew < 0 or self.renew_steps < 1:
+            raise DfbfError("--renew must be at least 0 and --renew-steps at least 1.")
 
     def to_dict(self) -> dict:
         return {f.name: (str(v) if isinstance(v := getattr(self, f.name), Choice) else v) for f in fields(self)}
+
+
+@dataclass(frozen=True)
+class ReconstructSettings:
+    """Closed-form reconstruction after pruning (docs/reconstruct.md): each pruned-scope layer refit by ridge
+    least squares to the original's outputs on synthetic images."""
+
+    images: int = 128  # at most, from the synthetic set (the balanced preset's whole YOLO set)
+    damping: float = 1e-3  # ridge, relative to the mean diagonal of each layer's Gram matrix
+
+    def validate(self) -> None:
+        if self.images < 1:
+            raise DfbfError(f"Reconstruction needs at least 1 image, got {self.images}.")
+        _positive("--damping", self.damping)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
 
 
 SMALL_INPUT = 64  # px: at most this is a "small" input (presets give it more images and fewer steps)

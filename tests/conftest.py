@@ -107,6 +107,27 @@ def random_pose(generated):
     return one_class_yolo(generated, "pose"), yolo_dataset(generated / "pose-data", "pose")
 
 
+def quick_synthetic(model_args: list[str], out: Path, *, num_images: int = 16, batch: int = 8, low_res: int = 2, iterations: int = 3) -> Path:
+    """A few fp32 synthetic 32-px images of a CIFAR model (``model_args`` as on the command line): a dataset directory."""
+    import torch
+
+    from dfbf_cli.adapters import load_model
+    from dfbf_cli.engine.synthesis import plan_synthesis, run_synthesis
+    from dfbf_cli.settings import Precision, SynthesisSettings
+
+    teacher = load_model(model_args[0], model_args[2])
+    plan = plan_synthesis(teacher, out, num_images=num_images, imgsz=32, batch=batch, settings=SynthesisSettings(low_res, iterations), seed=0,
+                          precision=Precision.FP32)
+    run_synthesis(teacher, plan, device=torch.device("cpu"))
+    return out
+
+
+@pytest.fixture(scope="session")
+def random_r20_synthetic(tmp_path_factory, random_r20):
+    """16 quick synthetic images of the random-weight ResNet-20 (a dataset directory)."""
+    return quick_synthetic(random_r20, tmp_path_factory.mktemp("synth") / "r20")
+
+
 def pruned_copy(adapter, ratio: float, scope=None):
     """``adapter`` pruned one-shot at a uniform ratio (within ``scope``, default the backbone)."""
     from dfbf_cli.engine.pruning import prune

@@ -153,3 +153,24 @@ def test_user_mistakes_exit_2_with_one_clear_sentence(run_cli, tmp_path, args, m
     assert result.code == 2
     assert message in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_latency_is_timed_one_runtime_after_another(monkeypatch):
+    """An exported model is never timed round-robin with a PyTorch one (PyTorch's spinning threads slow it)."""
+    import torch
+
+    from dfbf_cli.adapters.classifier_export import ExportedClassifier
+    from dfbf_cli.contract import Exported
+    from dfbf_cli.engine import efficiency
+
+    torch_model = load_model("cifar-resnet20")
+    exported = ExportedClassifier.__new__(ExportedClassifier)  # a stand-in: a PyTorch module behind the exported adapter's type
+    exported.__dict__.update(vars(load_model("cifar-resnet20")), record={"source": {"params": 1, "backbone_params": 1, "gflops": 0.1}})
+    assert isinstance(exported, Exported)
+    blocks = []
+    monkeypatch.setattr(efficiency, "median_latencies_ms", lambda models, examples, runs: blocks.append(list(models)) or [len(blocks)] * len(models))
+    monkeypatch.setattr(efficiency, "file_size_mb", lambda adapter: 0.0)
+    monkeypatch.setattr(efficiency, "RUNTIME_PAUSE_S", 0.0)
+    reports = efficiency.measure_efficiency([(torch_model, 32), (exported, 32), (torch_model, 32)], device=torch.device("cpu"), runs=1)
+    assert [len(b) for b in blocks] == [2, 1]
+    assert [r.latency_cpu_ms for r in reports] == [1, 2, 1]

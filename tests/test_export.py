@@ -116,6 +116,7 @@ def test_compress_exports_the_compressed_model_and_scores_it_beside_the_others(r
         (["--format", "onnx", "--int8", "--synthetic", "{other}"], "--allow-teacher-mismatch"),
         (["--format", "onnx", "--out", "{folder}"], "existing directory"),
         (["--format", "openvino", "--out", "{folder}"], "not a dfbf export"),
+        (["--format", "onnx", "--out", "{folder}/../model.bin"], "ends in .onnx"),
     ],
 )
 def test_export_mistakes_exit_2_and_write_nothing(run_cli, tmp_path, r20_synthetic, args, message):
@@ -141,3 +142,10 @@ def test_a_missing_runtime_names_the_extra_to_install(run_cli, r20_synthetic, mo
     spec, synthetic = r20_synthetic
     result = run_cli("export", *spec, "--format", "openvino", "--int8", "--synthetic", synthetic, *QUIET)
     assert result.code == 2 and "nncf" in result.stderr and 'pip install "dfbf[export]"' in result.stderr
+
+
+def test_a_yolo_openvino_export_under_a_name_ultralytics_would_not_recognise_is_refused(run_cli, tmp_path, random_pose):
+    model, _ = random_pose
+    result = run_cli("export", model, "--format", "openvino", "--out", tmp_path / "mine", *QUIET)
+    assert result.code == 2 and "mine_openvino_model" in result.stderr and "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []

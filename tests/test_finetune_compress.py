@@ -10,8 +10,8 @@ import torch
 
 import dfbf_cli.engine.finetune as finetune_module
 from dfbf_cli.adapters import load_model
-from dfbf_cli.settings import Precision, Scope
-from tests.conftest import cifar_subset, shared_asset, stock_ultralytics_predicts
+from dfbf_cli.settings import Scope
+from tests.conftest import cifar_subset, quick_synthetic, shared_asset, stock_ultralytics_predicts
 
 QUIET = ["--device", "cpu", "-q"]
 
@@ -24,14 +24,7 @@ def r20():
 @pytest.fixture(scope="module")
 def tiny_synthetic(tmp_path_factory, r20):
     """16 synthetic 32-px images from the real ResNet-20 (a few iterations: enough to exercise the stages)."""
-    from dfbf_cli.engine.synthesis import plan_synthesis, run_synthesis
-    from dfbf_cli.settings import SynthesisSettings
-
-    out = tmp_path_factory.mktemp("synth") / "r20"
-    teacher = load_model(r20[0], r20[2])
-    plan = plan_synthesis(teacher, out, num_images=16, imgsz=32, batch=8, settings=SynthesisSettings(5, 10), seed=0, precision=Precision.FP32)
-    run_synthesis(teacher, plan, device=torch.device("cpu"))
-    return out
+    return quick_synthetic(r20, tmp_path_factory.mktemp("synth") / "r20", low_res=5, iterations=10)
 
 
 @pytest.fixture(scope="module")

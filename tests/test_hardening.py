@@ -91,13 +91,19 @@ def pristine(tmp_path_factory):
     (root / "folder").mkdir()
     (root / "folder" / "mine.txt").write_text("a user's file")
     (root / "notes.txt").write_text("a file where a folder belongs")
+    (root / "link.safetensors").symlink_to("r20-random.safetensors")  # relative: the copy's links point into the copy
+    (root / "link.onnx").symlink_to("r20-random.safetensors")
+    (root / "synth-link").symlink_to("synth-r56", target_is_directory=True)
+    (root / "empty-photos").mkdir()
+    shutil.copytree(root / "photos", root / "photos-odd")
+    (root / "photos-odd" / "fötø ✓.png").write_bytes(b"not an image, and a name in UTF-8")
     (root / "truncated-run").mkdir()
     (root / "truncated-run" / "run.json").write_text('{"dfbf_version": "0.1", "requ')
     return root, r20, yolo, data
 
 
 def _checksums(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file()}
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(root.rglob("*")) if p.is_file() and not p.is_symlink()}
 
 
 R20 = ["cifar-resnet20", "--weights", "{in}/r20-random.safetensors"]
@@ -175,13 +181,41 @@ CATALOGUE = [
     (["compress", *R20, "--ratio", "0.3", "--max-drop", "-1", "--data", "{in}/ok.npz"], "--max-drop must be"),
     (["compress", *R20, "--flops", "0.6", "--allocation", "sensitivity", "--schedule", "layer-dependent"], "--schedule applies to --ratio"),
     (["compress", *R20], "Give --ratio"),
+    # second round: new options, numbers at their edges, links and look-alikes
+    (["prune", *R20, "--ratio", "0.3", "--reconstruct"], "pass --synthetic"),
+    (["prune", *R20, "--ratio", "0.3", "--reconstruct", "--strategy", "progressive", "--synthetic", "{in}/synth"], "follows one-shot"),
+    (["compress", *R20, "--ratio", "0.3", "--rounds", "2", "--reconstruct"], "--no-reconstruct"),
+    (["compress", *R20, "--ratio", "0.3", "--strategy", "progressive", "--reconstruct"], "--no-reconstruct"),
+    (["export", "{yolo}", "--format", "openvino", "--out", "{out}/mine"], "_openvino_model"),
+    (["export", *R20, "--format", "onnx", "--out", "{out}/model.bin"], "ends in .onnx"),
+    (["export", *R20, "--format", "onnx", "--out", "{in}/link.onnx"], "is --weights itself"),
+    (["prune", *R20, "--ratio", "0.3", "--out", "{in}/link.safetensors"], "is --weights itself"),
+    (["prune", *R20, "--ratio", "1.5"], "--ratio must be between"),
+    (["prune", *R20, "--ratio", "0"], "--ratio must be between"),
+    (["prune", *R20, "--ratio", "nan"], "--ratio must be between"),
+    (["prune", *R20, "--ratio", "0.3", "--min-channels", "0"], "Invalid value"),
+    (["compress", *R20, "--flops", "1.0"], "--flops must be between"),
+    (["compress", *R20, "--ratio", "0.3", "--flops", "0.7"], "one of them"),
+    (["compress", *R20, "--ratio", "0.3", "--int8"], "--int8 applies to --export"),
+    (["compress", *R20, "--ratio", "0.3", "--synthetic", "{in}/synth-escape"], "not a shard of this folder"),
+    (["compress", *R20, "--ratio", "0.3", "--synthetic", "{in}/synth-link"], "--allow-teacher-mismatch"),
+    (["synthesize", *R20, "--out", "{out}/s", "--num-images", "1"], "Invalid value"),
+    (["synthesize", *R20, "--out", "{out}/s", "--imgsz", "4"], "Invalid value"),
+    (["synthesize", *R20, "--out", "{out}/s", "--iterations", "0"], "Invalid value"),
+    ([*TUNE, "--out", "{out}/t.safetensors", "--epochs", "0"], "Invalid value"),
+    (["finetune", "{in}/pruned.safetensors", *TEACHER, "--data", "{in}/synth-count", "--out", "{out}/t.safetensors"], "disagrees"),
+    (["eval", *R20, "--data", "{in}/notes.txt"], "neither a dataset YAML nor an .npz"),
+    (["eval", *R20, "--data", "{in}/no-such-folder"], "does not exist"),
+    (["eval", *R20, "--data", "{in}/empty-photos", *TEACHER], "no image"),
+    (["eval", *R20, "--data", "{in}/photos-odd", *TEACHER], "Cannot read image"),
+    (["synthesize", *R20, "--out", "{in}/synth-link"], "another model"),
 ]
 
 
 @pytest.mark.parametrize(("args", "message"), CATALOGUE, ids=[f"{a[0]}-{i}" for i, (a, _) in enumerate(CATALOGUE)])
 def test_a_mistake_is_one_sentence_exit_2_before_any_work_and_changes_no_input(run_cli, pristine, tmp_path, monkeypatch, args, message):
     source, _r20, yolo, _data = pristine
-    inputs = shutil.copytree(source, tmp_path / "in")
+    inputs = shutil.copytree(source, tmp_path / "in", symlinks=True)
     out = tmp_path / "out"
     out.mkdir()
     monkeypatch.chdir(out)
@@ -195,8 +229,8 @@ def test_a_mistake_is_one_sentence_exit_2_before_any_work_and_changes_no_input(r
     assert not any(out.iterdir()), list(out.iterdir())  # and nothing half-written where the outputs would go
 
 
-def test_the_catalogue_covers_every_command_forty_times_over():
-    assert len(CATALOGUE) >= 40 and {args[0] for args, _ in CATALOGUE} == {"synthesize", "prune", "finetune", "eval", "compress"}
+def test_the_catalogue_covers_every_command_ninety_times_over():
+    assert len(CATALOGUE) >= 90 and {args[0] for args, _ in CATALOGUE} == {"synthesize", "prune", "finetune", "eval", "compress", "export"}
 
 
 READERS = [  # every way a command reads a model or state file, given the exploit file

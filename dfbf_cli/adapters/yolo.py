@@ -328,6 +328,9 @@ def load_yolo(spec: str) -> YoloAdapter:
 # -- the adapter --------------------------------------------------------------------------------------
 
 
+OPENVINO_SUFFIX = "_openvino_model"  # how ultralytics.YOLO(path) tells an OpenVINO folder
+
+
 class YoloAdapter(ModelAdapter):
     family = "yolo"
     default_suffix = ".pt"
@@ -431,6 +434,11 @@ class YoloAdapter(ModelAdapter):
             arguments |= {"quantize": 8, "data": str(self._calibration_dataset(folder / "calibration", calibration)), "fraction": 1.0, "batch": 1}
         with keeping_torch_threads():
             return Path(self._stock(folder).export(**arguments))
+
+    def check_export_path(self, path: Path, fmt: ExportFormat) -> None:
+        super().check_export_path(path, fmt)
+        if fmt == ExportFormat.OPENVINO and not path.name.endswith(OPENVINO_SUFFIX):
+            raise DfbfError(f"--out {path}: Ultralytics recognises an OpenVINO folder by its name's ending; call it {path.name}{OPENVINO_SUFFIX}.")
 
     def load_export(self, path: Path) -> YoloAdapter:
         return ExportedYolo(path)

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from dfbf_cli import __version__
-from dfbf_cli.errors import EXIT_INTERNAL, DfbfError
+from dfbf_cli.errors import EXIT_INTERNAL, DfbfError, exhausted
 
 app = typer.Typer(
     name="dfbf",
@@ -52,15 +52,16 @@ app.command("export")(export.export_command)
 
 def main() -> None:
     """Entry point. Typer maps usage errors to exit 2 and Ctrl-C to 130; here a user mistake
-    (:class:`DfbfError`) becomes one sentence and its exit code, and a bug a traceback and exit 3."""
+    (:class:`DfbfError`) or an exhausted resource becomes one sentence and its exit code, and a bug a traceback and exit 3."""
     errors = Console(stderr=True)
     try:
         app()
-    except DfbfError as error:
-        if os.environ.get("RANK", "0") == "0":  # under torchrun every rank meets the same mistake: rank 0 says it
-            errors.print(f"[bold red]Error:[/] {escape(str(error))}", highlight=False, soft_wrap=True)
-        sys.exit(error.exit_code)
-    except Exception:
+    except Exception as error:
+        known = error if isinstance(error, DfbfError) else exhausted(error)  # a mistake, or a disk or memory that ran out
+        if known is not None:
+            if os.environ.get("RANK", "0") == "0":  # under torchrun every rank meets the same mistake: rank 0 says it
+                errors.print(f"[bold red]Error:[/] {escape(str(known))}", highlight=False, soft_wrap=True)
+            sys.exit(known.exit_code)
         traceback.print_exc()
         errors.print(f"[bold red]Internal error[/] (dfbf {__version__}): please report it with the traceback above.")
         sys.exit(EXIT_INTERNAL)

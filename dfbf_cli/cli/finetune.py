@@ -45,6 +45,13 @@ TapWeightsOption = Annotated[TapWeighting, typer.Option("--tap-weights", help="W
     "or last (final output only).")]
 BatchNormOption = Annotated[BatchNormMode, typer.Option("--bn", help="Student BatchNorm: train (batch statistics on synthetic images) or frozen.")]
 AllowMismatchOption = Annotated[bool, typer.Option("--allow-teacher-mismatch", help="Use a --data dataset synthesised from another model than --teacher.")]
+RenewOption = Annotated[int, typer.Option("--renew", min=0, help="[experimental: measured no better, docs/finetune.md] Renew this many of the "
+    "synthetic images each epoch: cut-mixed, then "
+    "--renew-steps inversion steps towards the teacher's BatchNorm statistics (a fresh stream at a fraction of the cost of new images; 0: the "
+    "fixed set).")]
+RenewStepsOption = Annotated[int, typer.Option("--renew-steps", min=1, help="Inversion steps per renewed image.")]
+AdversarialOption = Annotated[float, typer.Option("--adversarial", min=0.0, help="[experimental] Renewed images also move away from what the student already "
+    "reproduces, with this weight on the student-teacher feature distance (ADI-style; 0: off).")]
 CutmixOption = Annotated[bool, typer.Option("--cutmix/--no-cutmix", help="Paste a box of another synthetic image into each (measured +1.3 top-1 on CIFAR).")]
 
 
@@ -63,6 +70,9 @@ def finetune_command(
     tap_weights: TapWeightsOption = FinetuneSettings.tap_weights,
     bn: BatchNormOption = FinetuneSettings.bn,
     cutmix: CutmixOption = FinetuneSettings.cutmix,
+    renew: RenewOption = FinetuneSettings.renew,
+    renew_steps: RenewStepsOption = FinetuneSettings.renew_steps,
+    adversarial: AdversarialOption = FinetuneSettings.adversarial,
     scope: Annotated[Scope | None, typer.Option("--scope", help="Where the student was pruned (its taps are supervised) \\[default: found from the "
         "two models].", show_default=False)] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from its last finished epoch.")] = False,
@@ -98,7 +108,8 @@ def finetune_command(
         dataset.verify()
         settings = FinetuneSettings(epochs=epochs or _BALANCED.epochs(dataset.num_images, batch, dataset.imgsz), batch=batch, lr=lr,
                                     weight_decay=weight_decay, optimizer=optimizer, loss=loss, tap_weights=tap_weights, bn=bn, cutmix=cutmix,
-                                    precision=resolve_precision(precision, ctx.device))  # the JSON says bf16 or fp32, not auto
+                                    precision=resolve_precision(precision, ctx.device), renew=renew, renew_steps=renew_steps,
+                                    adversarial=adversarial)  # the JSON says bf16 or fp32, not auto
         settings.validate()
         check_batch_split(batch)
         student = load_model(pruned, weights)

@@ -10,6 +10,7 @@ command after an interruption continues where it stopped. The run directory::
     RUN/holdout/               a few fresh synthetic images the student never trains on (fidelity)
     RUN/pruning.json           how many channels each group keeps
     RUN/pruned<ext>            the pruned model, before fine-tuning
+    RUN/reconstructed<ext>     the pruned model with its scope refit in closed form (the distillation's start)
     RUN/round-<k><ext>         with --rounds K: the model after round k's prune and distillation
     RUN/finetune-state[-k].pt  round k's fine-tuning checkpoint (only while unfinished)
     RUN/finetune-history.json  the loss per epoch (written before each round's model)
@@ -30,17 +31,18 @@ import torch
 
 from dfbf_cli import __version__
 from dfbf_cli.contract import EvalData, ImageFolder, ModelAdapter
-from dfbf_cli.engine.distributed import barrier, check_batch_split, current, main_first
+from dfbf_cli.engine.distributed import barrier, check_batch_split, current, job_exclusive, main_first
 from dfbf_cli.engine.efficiency import check_imgsz
 from dfbf_cli.engine.evaluate import Candidate, ModelReport, Verdict, check_evaluation, evaluate_models, free_alternative, watched_metric
 from dfbf_cli.engine.export import check_packages, default_path
 from dfbf_cli.engine.export import export as export_model
 from dfbf_cli.engine.features import feature_gap
-from dfbf_cli.engine.files import Kind, Output, check_outputs, read_json, write_json
+from dfbf_cli.engine.files import LOCK_FILE, Kind, Output, check_outputs, read_json, write_json
 from dfbf_cli.engine.finetune import EpochRecord, finetune
 from dfbf_cli.engine.progress import ProgressCallback, ignore
 from dfbf_cli.engine.progressive import progressive_prune
-from dfbf_cli.engine.pruning import plan_keep, prune
+from dfbf_cli.engine.pruning import kept_outputs, plan_keep, prune
+from dfbf_cli.engine.reconstruct import reconstruct
 from dfbf_cli.engine.report import write_report
 from dfbf_cli.engine.synthesis import plan_synthesis, run_synthesis
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
@@ -55,6 +57,7 @@ from dfbf_cli.settings import (
     PresetName,
     ProgressiveSettings,
     PruneSettings,
+    ReconstructSettings,
     Strategy,
 )
 
@@ -84,6 +87,10 @@ class RunDirectory:
     @property
     def pruned(self) -> Path:
         return self.root / f"pruned{self.suffix}"
+
+    @property
+    def reconstructed(self) -> Path:
+        return self.root / f"reconstructed{self.suffix}"
 
     def round(self, k: int) -> Path:
         return self.root / f"round-{k}{self.suffix}"
@@ -117,7 +124,7 @@ class RunDirectory:
             if previous != request:
                 changed = sorted(k for k in {*previous, *request} if previous.get(k) != request.get(k))
                 raise DfbfError(f"{self.root} holds a run with other settings ({', '.join(changed)} differ); use another --out.")
-        elif self.root.exists() and any(self.root.iterdir()):
+        elif self.root.exists() and any(p.name != LOCK_FILE for p in self.root.iterdir()):
             raise DfbfError(f"{self.root} exists and is not a dfbf compress run; choose an empty or new --out.")
 
     def start(self, request: dict) -> None:
@@ -136,6 +143,7 @@ class CompressPlan:
     strategy: Strategy
     progressive: ProgressiveSettings
     rounds: int
+    reconstruct: ReconstructSettings | None  # None: distillation starts from the pruned model itself
     finetune: FinetuneSettings
     preset: Preset
     imgsz: int  # synthesis and fine-tuning
@@ -150,7 +158,8 @@ class CompressPlan:
 
 
 def plan_compress(
-    original: ModelAdapter, *, model_spec: str, prune_settings: PruneSettings, strategy: Strategy, rounds: int, preset: PresetName,
+    original: ModelAdapter, *, model_spec: str, prune_settings: PruneSettings, strategy: Strategy, rounds: int,
+    reconstruct_settings: ReconstructSettings | None, preset: PresetName,
     finetune_settings: FinetuneSettings, epochs: int | None, num_images: int | None, imgsz: int | None, synthetic: Path | None,
     export: ExportFormat | None, int8: bool,
     allow_teacher_mismatch: bool, eval_data: EvalData | None, max_drop: float | None, out: Path | None, seed: int,
@@ -164,6 +173,10 @@ def plan_compress(
         raise DfbfError(f"--rounds must be at least 1, got {rounds}.")
     if rounds > 1 and strategy == Strategy.PROGRESSIVE:
         raise DfbfError("--rounds applies to one-shot pruning; progressive pruning already works in small steps (--strategy oneshot).")
+    if reconstruct_settings is not None:
+        reconstruct_settings.validate()
+        if rounds > 1 or strategy == Strategy.PROGRESSIVE:
+            raise DfbfError("Reconstruction follows one-shot pruning in one round; with --rounds or --strategy progressive, add --no-reconstruct.")
     if int8 and export is None:
         raise DfbfError("--int8 applies to --export FORMAT (the compressed model exported, INT8 calibrated on the run's synthetic images).")
     if export is not None:
@@ -199,12 +212,13 @@ def plan_compress(
         "model": model_spec, "fingerprint": original.fingerprint(), **{k: str(v) if v is not None else None for k, v in
         (("ratio", prune_settings.ratio), ("flops", prune_settings.flops))}, "scope": str(prune_settings.scope),
         "allocation": str(prune_settings.allocation), "criterion": str(prune_settings.criterion), "schedule": str(prune_settings.schedule),
-        "strategy": str(strategy), "rounds": rounds, "preset": str(preset), "epochs": settings.epochs, "precision": str(settings.precision),
+        "strategy": str(strategy), "rounds": rounds, "reconstruct": reconstruct_settings and reconstruct_settings.to_dict(), "preset": str(preset),
+        "epochs": settings.epochs, "precision": str(settings.precision),
         "imgsz": size, "num_images": num_images, "seed": seed, "synthetic": None if synthetic is None else str(synthetic.resolve()),
         "synthetic_content": None if dataset is None else dataset.content_id(),
     }
     run.check(request)
-    return CompressPlan(original, run, request, prune_settings, strategy, ProgressiveSettings(), rounds, settings, budget, size,
+    return CompressPlan(original, run, request, prune_settings, strategy, ProgressiveSettings(), rounds, reconstruct_settings, settings, budget, size,
                         num_images, dataset, eval_data, export, int8, max_drop, seed, device)
 
 
@@ -246,14 +260,24 @@ def _pruned(plan: CompressPlan, source: ModelAdapter, keep: dict[str, int], data
     return prune(source, plan.prune, keep)[0]
 
 
+def _reconstructed(plan: CompressPlan, pruned: ModelAdapter, keep: dict[str, int], dataset: SyntheticDataset,
+                   on_progress: ProgressCallback) -> ModelAdapter:
+    images = dataset.load()[0][: plan.reconstruct.images]
+    log.info("Reconstructing the pruned %s in closed form on %d synthetic image(s).", plan.prune.scope, len(images))
+    student = pruned.with_model(copy.deepcopy(pruned.model))
+    reconstruct(student, plan.original, images, kept=kept_outputs(plan.original, plan.prune, keep), scope=plan.prune.scope,
+                damping=plan.reconstruct.damping, device=plan.device, on_progress=on_progress)
+    return student
+
+
 def round_keep(sizes: dict[str, int], keep: dict[str, int], k: int, rounds: int) -> dict[str, int]:
     """Round ``k`` of ``rounds`` keeps this many per group: the final counts reached in equal steps."""
     return {name: sizes[name] - round((sizes[name] - keep[name]) * k / rounds) for name in keep}
 
 
-def _distilled(plan: CompressPlan, keep: dict[str, int], pruned: ModelAdapter, dataset: SyntheticDataset,
+def _distilled(plan: CompressPlan, keep: dict[str, int], start: ModelAdapter, dataset: SyntheticDataset,
                on_progress: ProgressCallback) -> tuple[ModelAdapter, list[EpochRecord]]:
-    """Prune and distil in ``rounds`` steps (one: the pruned model is distilled once), each round's result kept."""
+    """Prune and distil in ``rounds`` steps (one: ``start``, the pruned or reconstructed model, is distilled once), each round's result kept."""
     run, original, rounds = plan.run, plan.original, plan.rounds
     history = [EpochRecord(**r) for r in read_json(run.history, "the fine-tuning history")] if run.history.exists() else []
     if run.compressed.exists() and run.history.exists():
@@ -269,7 +293,7 @@ def _distilled(plan: CompressPlan, keep: dict[str, int], pruned: ModelAdapter, d
             continue
         history = [r for r in history if r.epoch <= (k - 1) * settings.epochs]  # a round interrupted after its history was written
         if rounds == 1:
-            student = pruned.with_model(copy.deepcopy(pruned.model))
+            student = start.with_model(copy.deepcopy(start.model))
         else:
             student = prune(student, plan.prune, round_keep(sizes, keep, k, rounds))[0]
         log.info("Fine-tuning%s %d epoch(s) over %d image(s) at %d px on %s (%s).", f" round {k}/{rounds}:" if rounds > 1 else "",
@@ -288,7 +312,12 @@ def _distilled(plan: CompressPlan, keep: dict[str, int], pruned: ModelAdapter, d
 
 
 def compress(plan: CompressPlan, *, on_progress: ProgressCallback = ignore) -> CompressResult:
-    """Run the plan's stages, reusing every artefact the run directory already holds."""
+    """Run the plan's stages, reusing every artefact the run directory already holds (one process at a time)."""
+    with job_exclusive(plan.run.root, "--out"):
+        return _run_stages(plan, on_progress)
+
+
+def _run_stages(plan: CompressPlan, on_progress: ProgressCallback) -> CompressResult:
     run, original, world = plan.run, plan.original, current()
     barrier()  # every rank has checked the run directory before rank 0 writes into it
     if world.main:
@@ -297,7 +326,11 @@ def compress(plan: CompressPlan, *, on_progress: ProgressCallback = ignore) -> C
     keep = _keep(plan, dataset, on_progress)
     main_first(lambda: run.pruned.exists() or _pruned(plan, original, keep, dataset, on_progress).save(run.pruned))
     pruned = original.reload(run.pruned)
-    compressed, history = _distilled(plan, keep, pruned, dataset, on_progress)
+    start = pruned
+    if plan.reconstruct is not None:
+        main_first(lambda: run.reconstructed.exists() or _reconstructed(plan, pruned, keep, dataset, on_progress).save(run.reconstructed))
+        start = original.reload(run.reconstructed)
+    compressed, history = _distilled(plan, keep, start, dataset, on_progress)
     count = min(HOLDOUT_IMAGES, max(2, plan.num_images // 4))
     holdout = _synthesize(plan, run.holdout, count, plan.seed + HOLDOUT_SEED_OFFSET, on_progress).load()[0].float() / 255
     if not world.main:  # under torchrun, rank 0 alone exports, evaluates and reports
@@ -310,7 +343,8 @@ def compress(plan: CompressPlan, *, on_progress: ProgressCallback = ignore) -> C
             export_model(compressed, plan.export, target, imgsz=original.input_spec.imgsz, calibration=dataset if plan.int8 else None)
         exported = compressed.load_export(target)
     fidelity = {stage: feature_gap(model, original, holdout, scope=plan.prune.scope, device=plan.device)
-                for stage, model in (("pruned", pruned), ("compressed", compressed))}
+                for stage, model in (("pruned", pruned), ("reconstructed", start if start is not pruned else None), ("compressed", compressed))
+                if model is not None}
     reports, baseline, verdict = _evaluate(plan, pruned, compressed, exported, on_progress)
     metric = None if plan.eval_data is None else watched_metric(original, plan.eval_data)
     drop = None if metric is None else (reports[0].metrics[metric.name] - reports[2].metrics[metric.name]) * (1 if metric.higher_is_better else -1)

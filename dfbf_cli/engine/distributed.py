@@ -9,11 +9,13 @@ import contextlib
 import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
+from dfbf_cli.engine.files import exclusive
 from dfbf_cli.errors import DfbfError
 
 T = TypeVar("T")
@@ -101,3 +103,12 @@ def main_first(work: Callable[[], T]) -> T | None:
     if outcome[0] is not None:
         raise DfbfError(outcome[0])
     return result
+
+
+@contextlib.contextmanager
+def job_exclusive(folder: Path, option: str) -> Iterator[None]:
+    """:func:`~dfbf_cli.engine.files.exclusive` for the whole job: rank 0 holds the folder's lock (the ranks of
+    one torchrun job share it), and a refusal is raised on every rank."""
+    with contextlib.ExitStack() as stack:
+        main_first(lambda: stack.enter_context(exclusive(folder, option)))
+        yield

@@ -11,13 +11,14 @@ import torch
 from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from dfbf_cli.contract import ModelAdapter
+from dfbf_cli.contract import Exported, ModelAdapter
 from dfbf_cli.engine.files import temporary_folder
 from dfbf_cli.engine.runtime import free_memory_bytes
 from dfbf_cli.errors import DfbfError
 from dfbf_cli.settings import Scope
 
 WARMUP_RUNS = 3
+RUNTIME_PAUSE_S = 0.5  # between runtimes: long enough for a finished runtime's spinning threads to go idle
 
 
 @dataclass(frozen=True)
@@ -87,15 +88,28 @@ def file_size_mb(adapter: ModelAdapter) -> float:
         return adapter.save(Path(tmp) / f"model{adapter.default_suffix}").stat().st_size / 2**20
 
 
+def _by_runtime(models: list[nn.Module], examples: list[torch.Tensor], runtimes: list[str], runs: int) -> list[float]:
+    """:func:`median_latencies_ms` within each runtime, one runtime's block after another: a runtime's idle
+    threads (PyTorch's OpenMP pool spins after each pass) would otherwise slow the next runtime's pass."""
+    latencies = [0.0] * len(models)
+    for runtime in dict.fromkeys(runtimes):
+        chosen = [i for i, r in enumerate(runtimes) if r == runtime]
+        time.sleep(RUNTIME_PAUSE_S)
+        for i, ms in zip(chosen, median_latencies_ms([models[i] for i in chosen], [examples[i] for i in chosen], runs)):
+            latencies[i] = ms
+    return latencies
+
+
 def measure_efficiency(entries: list[tuple[ModelAdapter, int]], *, device: torch.device, runs: int = 10) -> list[Efficiency]:
-    """Efficiency of several (model, input size) pairs measured together (latencies interleaved, see above)."""
+    """Efficiency of several (model, input size) pairs measured together (latencies interleaved within each runtime, see above)."""
     models = [adapter.model.eval().cpu() for adapter, _ in entries]
     examples = [example_input(imgsz) for _, imgsz in entries]
+    runtimes = ["exported" if isinstance(adapter, Exported) else "torch" for adapter, _ in entries]
     device_ms: list[float | None] = [None] * len(models)
     if device.type != "cpu":
-        device_ms = median_latencies_ms([m.to(device) for m in models], [e.to(device) for e in examples], runs)
+        device_ms = _by_runtime([m.to(device) for m in models], [e.to(device) for e in examples], runtimes, runs)
         models = [m.cpu() for m in models]
-    cpu_ms = median_latencies_ms(models, examples, runs)
+    cpu_ms = _by_runtime(models, examples, runtimes, runs)
     reports = []
     for (adapter, imgsz), model, example, cpu, dev in zip(entries, models, examples, cpu_ms, device_ms):
         params, backbone, cost = adapter.static_cost() or (count_params(model), count_params(adapter.split(Scope.BACKBONE).backbone), gflops(model, example))

@@ -125,3 +125,38 @@ def check_outputs(outputs: list[Output], inputs: dict[str, Path | None]) -> None
             raise DfbfError(f"{shown} cannot be created: {place} is a file, not a directory.")
         if not os.access(place, os.W_OK | os.X_OK):
             raise DfbfError(f"{shown} cannot be written: {place} is not writable.")
+
+
+# -- one writer per folder ---------------------------------------------------------------------------------
+
+LOCK_FILE = ".dfbf.lock"
+
+
+@contextlib.contextmanager
+def exclusive(folder: Path, option: str) -> Iterator[None]:
+    """Hold an advisory lock on ``folder`` (created if need be) while the block runs: a second dfbf process that
+    would write there stops at once, naming the first. The operating system drops the lock with its
+    process, so a killed run never leaves a stale one. Readers take no lock."""
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no advisory locks
+        yield
+        return
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(folder / LOCK_FILE, "a+")
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.seek(0)
+        holder = handle.read().strip() or "another process"
+        handle.close()
+        raise DfbfError(f"{folder} is being written by another dfbf process ({holder}); wait for it to finish, or give another {option}.") from None
+    try:
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"PID {os.getpid()}")
+        handle.flush()
+        yield
+    finally:
+        fcntl.flock(handle, fcntl.LOCK_UN)
+        handle.close()

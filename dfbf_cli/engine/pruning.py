@@ -255,8 +255,8 @@ def slice_module(module: nn.Module, side: str, index: torch.Tensor) -> None:
         raise TypeError(f"cannot prune {type(module).__name__}")
 
 
-def apply_pruning(model: nn.Module, groups: list[ChannelGroup], kept: dict[str, torch.Tensor]) -> None:
-    """Cut every module once, combining all groups that touch it (concatenations hold several)."""
+def cut_indices(model: nn.Module, groups: list[ChannelGroup], kept: dict[str, torch.Tensor]) -> dict[tuple[str, str], torch.Tensor]:
+    """The channels each (module, side) keeps, combining all groups that touch it (concatenations hold several)."""
     cuts: dict[tuple[str, str], list[tuple[int, int, torch.Tensor]]] = defaultdict(list)
     for group in groups:
         if group.name not in kept or len(kept[group.name]) == group.size:
@@ -264,14 +264,21 @@ def apply_pruning(model: nn.Module, groups: list[ChannelGroup], kept: dict[str, 
         for side, pieces in (("out", group.producers), ("in", group.consumers)):
             for piece in pieces:
                 cuts[(piece.module, side)].append((piece.offset, group.size, kept[group.name]))
+    indices = {}
     for (name, side), entries in cuts.items():
-        module = model.get_submodule(name)
-        mask = torch.ones(_width(module, side), dtype=torch.bool)
+        mask = torch.ones(_width(model.get_submodule(name), side), dtype=torch.bool)
         for offset, size, keep in entries:
             segment = torch.zeros(size, dtype=torch.bool)
             segment[keep] = True
             mask[offset : offset + size] &= segment
-        slice_module(module, side, mask.nonzero().squeeze(1))
+        indices[(name, side)] = mask.nonzero().squeeze(1)
+    return indices
+
+
+def apply_pruning(model: nn.Module, groups: list[ChannelGroup], kept: dict[str, torch.Tensor]) -> None:
+    """Cut every module once, to the channels :func:`cut_indices` keeps."""
+    for (name, side), index in cut_indices(model, groups, kept).items():
+        slice_module(model.get_submodule(name), side, index)
 
 
 def check_head_untouched(groups: list[ChannelGroup], head_modules: list[str]) -> None:
@@ -281,13 +288,23 @@ def check_head_untouched(groups: list[ChannelGroup], head_modules: list[str]) ->
                 raise RuntimeError(f"channel group {group.name} reaches into the untouched part ({piece.module})")
 
 
+def _choose(model: nn.Module, groups: list[ChannelGroup], keep: dict[str, int], criterion: Criterion) -> dict[str, torch.Tensor]:
+    return {name: select_channels(model, next(g for g in groups if g.name == name), count, criterion) for name, count in keep.items()}
+
+
 def cut(adapter: ModelAdapter, groups: list[ChannelGroup], keep: dict[str, int], criterion: Criterion) -> ModelAdapter:
     """A copy of the model with each named group cut to its keep count by ``criterion`` (others untouched)."""
     pruned = adapter.with_model(copy.deepcopy(adapter.model))
-    chosen = {name: select_channels(pruned.model, next(g for g in groups if g.name == name), count, criterion)
-              for name, count in keep.items()}
-    apply_pruning(pruned.model, groups, chosen)
+    apply_pruning(pruned.model, groups, _choose(pruned.model, groups, keep, criterion))
     return pruned
+
+
+def kept_outputs(adapter: ModelAdapter, settings: PruneSettings, keep: dict[str, int]) -> dict[str, torch.Tensor]:
+    """The output channels of ``adapter``'s layers that one-shot pruning to ``keep`` leaves (indices into the
+    original's; layers absent keep all): what reconstruction fits each pruned layer to."""
+    groups = adapter.channel_groups(settings.scope)
+    indices = cut_indices(adapter.model, groups, _choose(adapter.model, groups, keep, settings.criterion))
+    return {name: index for (name, side), index in indices.items() if side == "out"}
 
 
 def prune(adapter: ModelAdapter, settings: PruneSettings, keep: dict[str, int] | None = None) -> tuple[ModelAdapter, list[GroupOutcome]]:

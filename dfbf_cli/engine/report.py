@@ -84,7 +84,7 @@ def _plot(path: Path, reports: list[ModelReport], history: list[EpochRecord], me
         left.set_title(metric)
         left.tick_params(axis="x", labelrotation=20)
     else:
-        left.bar(list(fidelity), list(fidelity.values()), color=colours[1:3])
+        left.bar(list(fidelity), list(fidelity.values()), color=colours[1 : 1 + len(fidelity)])
         left.set_title("feature distance to the original (fresh synthetic images)")
     right.plot([r.epoch for r in history], [r.loss for r in history], marker="o" if len(history) < 50 else None)
     right.set_xlabel("epoch")

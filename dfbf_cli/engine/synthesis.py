@@ -23,7 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dfbf_cli.contract import IMAGENET, BackboneSplit, InputSpec, ModelAdapter
-from dfbf_cli.engine.distributed import barrier, current, main_first
+from dfbf_cli.engine.distributed import barrier, current, job_exclusive, main_first
 from dfbf_cli.engine.progress import ProgressCallback, ProgressEvent, ignore
 from dfbf_cli.engine.runtime import autocast
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
@@ -77,16 +77,18 @@ def _cosine_lr(base: float, step: int, total: int) -> float:
 
 @contextlib.contextmanager
 def frozen(module: nn.Module) -> Iterator[None]:
-    """Parameters without gradients (only the images are optimised), restored afterwards."""
+    """Parameters without gradients and every submodule in eval mode (only the images are optimised), each
+    restored afterwards: submodule by submodule, as a wrapper's own flag says nothing of its children's."""
     flags = [p.requires_grad for p in module.parameters()]
-    training = module.training
+    modes = [(m, m.training) for m in module.modules()]
     module.eval().requires_grad_(False)
     try:
         yield
     finally:
         for p, flag in zip(module.parameters(), flags):
             p.requires_grad_(flag)
-        module.train(training)
+        for m, training in modes:
+            m.training = training
 
 
 StepCallback = Callable[[int, float], None]  # (iterations done in this shard, current loss)
@@ -95,11 +97,17 @@ StepCallback = Callable[[int, float], None]  # (iterations done in this shard, c
 def synthesize_batch(
     split: BackboneSplit, spec: InputSpec, settings: SynthesisSettings, *, count: int, imgsz: int, seed: int,
     device: torch.device, precision: Precision = Precision.FP32, labels: torch.Tensor | None = None, on_step: StepCallback | None = None,
+    start: torch.Tensor | None = None, extra_loss: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, dict]:
-    """Optimise ``count`` images from noise; return them as uint8 N×3×H×W and loss statistics."""
+    """Optimise ``count`` images from noise (or from ``start``, images in [0, 1]); return them as uint8 N×3×H×W
+    and loss statistics. ``extra_loss`` maps each step's model inputs to a term added to the loss (it runs
+    right after the backbone's forward pass on them)."""
     generator = torch.Generator().manual_seed(seed)
     rng = random.Random(seed)
-    x = torch.randn(count, 3, imgsz, imgsz, generator=generator).to(device).requires_grad_(True)
+    if start is None:
+        x = torch.randn(count, 3, imgsz, imgsz, generator=generator).to(device).requires_grad_(True)
+    else:
+        x = PIXEL_SCALE.normalize(start.float().to(device)).requires_grad_(True)
     lower = PIXEL_SCALE.normalize(torch.zeros(1, 3, 1, 1, device=device))
     upper = PIXEL_SCALE.normalize(torch.ones(1, 3, 1, 1, device=device))
     to_model = _rescaling(PIXEL_SCALE, spec, x)
@@ -126,9 +134,10 @@ def synthesize_batch(
                     class_loss = 0.0
                     if labels is not None:
                         class_loss = F.cross_entropy(split.head(features).float(), labels)
+                    extra = extra_loss(to_model(inputs)) if extra_loss is not None else 0.0
                 bn_loss = bn.value()
                 tv, norm = image_priors(inputs.float())
-                loss = settings.bn_weight * bn_loss + settings.tv_l2 * tv + settings.l2 * norm + settings.class_weight * class_loss
+                loss = settings.bn_weight * bn_loss + settings.tv_l2 * tv + settings.l2 * norm + settings.class_weight * class_loss + extra
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -206,12 +215,26 @@ def run_synthesis(adapter: ModelAdapter, plan: SynthesisPlan, *, device: torch.d
     """Make the planned shards; each is on disk (and recorded) once finished. Under torchrun the ranks take
     turns (shard k by rank k mod N): each shard's seed is its index, so the dataset is the same, image for
     image, whatever the number of processes; rank 0 records the others' shards once all are done."""
-    dataset, classes, world = plan.dataset, plan.classes, current()
-    split = adapter.split()
+    dataset, world = plan.dataset, current()
     adapter.model.to(device)
-    steps = plan.settings.low_res_iterations + plan.settings.iterations
     first, before = len(dataset.manifest["shards"]), dataset.num_images
     mine = [position for position in range(len(plan.shard_sizes)) if position % world.size == world.rank]
+    if plan.shard_sizes:  # a finished dataset is only read: no lock
+        with job_exclusive(dataset.root, "--out"):
+            _make_shards(adapter, plan, adapter.split(), mine, first, before, device, on_progress)
+    if not world.distributed:
+        return dataset
+    barrier()
+    if world.main:
+        dataset.adopt_finished()
+    barrier()
+    return dataset if world.main else SyntheticDataset.open(dataset.root)
+
+
+def _make_shards(adapter: ModelAdapter, plan: SynthesisPlan, split: BackboneSplit, mine: list[int], first: int, before: int,
+                 device: torch.device, on_progress: ProgressCallback) -> None:
+    dataset, classes = plan.dataset, plan.classes
+    steps = plan.settings.low_res_iterations + plan.settings.iterations
     for done_shards, position in enumerate(mine):
         count, index = plan.shard_sizes[position], first + position
         start = before + sum(plan.shard_sizes[:position])
@@ -229,10 +252,3 @@ def run_synthesis(adapter: ModelAdapter, plan: SynthesisPlan, *, device: torch.d
         )
         stats["seconds"], stats["precision"] = round(time.perf_counter() - started, 3), str(plan.precision)
         dataset.add_shard(images, None if labels is None else labels.cpu(), stats, index=index)
-    if not world.distributed:
-        return dataset
-    barrier()
-    if world.main:
-        dataset.adopt_finished()
-    barrier()
-    return dataset if world.main else SyntheticDataset.open(dataset.root)
