@@ -34,8 +34,8 @@ class ResourceExhausted(DfbfError):
     exit_code = EXIT_RESOURCE
 
 
-_DISK = (errno.ENOSPC, errno.EDQUOT)
-_DISK_WORDS = ("No space left on device", "Disk quota exceeded")
+_DISK = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_DISK_WORDS = ("No space left on device", "Disk quota exceeded", "File too large")
 _MEMORY_WORDS = ("out of memory", "can't allocate memory", "Cannot allocate memory")
 
 
@@ -47,8 +47,9 @@ def exhausted(error: BaseException) -> ResourceExhausted | None:
         text = str(seen)
         if isinstance(seen, OSError) and seen.errno in _DISK or any(w in text for w in _DISK_WORDS):
             where = f" (writing {seen.filename})" if isinstance(seen, OSError) and seen.filename else ""
-            return ResourceExhausted(f"The disk is full{where}: free some space and run the same command again; finished work is kept.")
-        if isinstance(seen, MemoryError) or any(w in text for w in _MEMORY_WORDS):
+            return ResourceExhausted(f"The disk is full or the file too large for it{where}: free some space (or choose another place) and run "
+                                     "the same command again; finished work is kept.")
+        if isinstance(seen, MemoryError) or isinstance(seen, OSError) and seen.errno == errno.ENOMEM or any(w in text for w in _MEMORY_WORDS):
             return ResourceExhausted("Out of memory: use a smaller --batch or --imgsz (or another --device), then run the same command again.")
         seen = seen.__cause__ or seen.__context__
     return None

@@ -46,6 +46,7 @@ def test_a_library_that_wraps_the_full_disk_or_runs_out_of_memory_is_named_too()
     memory = exhausted(RuntimeError("[enforce fail at alloc_cpu.cpp:118] DefaultCPUAllocator: can't allocate memory: you tried to allocate 9 GB"))
     assert wrapped.exit_code == memory.exit_code == EXIT_RESOURCE
     assert "disk is full" in str(wrapped) and "Out of memory" in str(memory) and "--batch" in str(memory)
+    assert exhausted(OSError(errno.ENOMEM, "Cannot allocate memory")).exit_code == EXIT_RESOURCE
     assert exhausted(ValueError("a bug")) is None and exhausted(OSError(errno.ENOENT, "missing")) is None
 
 
