@@ -184,8 +184,8 @@ CATALOGUE = [
     # second round: new options, numbers at their edges, links and look-alikes
     (["prune", *R20, "--ratio", "0.3", "--reconstruct"], "pass --synthetic"),
     (["prune", *R20, "--ratio", "0.3", "--reconstruct", "--strategy", "progressive", "--synthetic", "{in}/synth"], "follows one-shot"),
-    (["compress", *R20, "--ratio", "0.3", "--rounds", "2", "--reconstruct"], "--no-reconstruct"),
-    (["compress", *R20, "--ratio", "0.3", "--strategy", "progressive", "--reconstruct"], "--no-reconstruct"),
+    (["compress", *R20, "--ratio", "0.3", "--rounds", "2", "--reconstruct"], "leave it out"),
+    (["compress", *R20, "--ratio", "0.3", "--strategy", "progressive", "--reconstruct"], "leave it out"),
     (["export", "{yolo}", "--format", "openvino", "--out", "{out}/mine"], "_openvino_model"),
     (["export", *R20, "--format", "onnx", "--out", "{out}/model.bin"], "ends in .onnx"),
     (["export", *R20, "--format", "onnx", "--out", "{in}/link.onnx"], "is --weights itself"),

@@ -101,7 +101,7 @@ def test_compress_resumes_after_reconstruction_without_redoing_it(run_cli, tmp_p
     import dfbf_cli.engine.finetune as finetune_module
 
     run_dir = tmp_path / "run"
-    args = ["compress", *random_r20, "--ratio", "0.5", "--synthetic", random_r20_synthetic, "--out", run_dir, "--epochs", "2",
+    args = ["compress", *random_r20, "--ratio", "0.5", "--synthetic", random_r20_synthetic, "--out", run_dir, "--epochs", "2", "--reconstruct",
             "--device", "cpu", "-q"]
 
     def interrupted(*_args):
@@ -119,5 +119,5 @@ def test_compress_resumes_after_reconstruction_without_redoing_it(run_cli, tmp_p
     result = run_cli(*args, "--json")
     assert result.code == 0, result.stderr
     assert set(json.loads(result.stdout)["fidelity"]["feature_distance_on_fresh_synthetic_images"]) == {"pruned", "reconstructed", "compressed"}
-    rounds = run_cli(*args, "--rounds", "2", "--reconstruct")
-    assert rounds.code == 2 and "--no-reconstruct" in rounds.stderr
+    rounds = run_cli(*args, "--rounds", "2")
+    assert rounds.code == 2 and "leave it out with --rounds" in rounds.stderr

@@ -37,9 +37,9 @@ def compress_command(
     allocation: AllocationOption = Allocation.UNIFORM,
     rounds: Annotated[int, typer.Option("--rounds", min=1, help="Prune and distil in this many steps towards the target (the fine-tuning budget is "
         "shared among them).")] = 1,
-    reconstruct: Annotated[bool | None, typer.Option("--reconstruct/--no-reconstruct", help="Refit the pruned layers in closed form (ridge least "
-        "squares to the original's outputs on synthetic images, about a minute) before distillation \\[default: on for one-shot pruning "
-        "in one round].", show_default=False)] = None,
+    reconstruct: Annotated[bool, typer.Option("--reconstruct", help="Refit the pruned layers in closed form (ridge least squares to the "
+        "original's outputs on synthetic images, about a minute) before distillation: a far better start, measured no better an end "
+        "(docs/reconstruct.md).")] = False,
     data: Annotated[str | None, typer.Option("--data", help="Labelled data to score the models on (with a YOLO model, also the original at the "
         "input size of equal GFLOPs); or a folder of real photos (agreement with the original).")] = None,
     synthetic: Annotated[Path | None, typer.Option("--synthetic", help="Reuse this synthetic dataset (from 'dfbf synthesize') instead of making one "
@@ -70,7 +70,7 @@ def compress_command(
     quiet: QuietOption = False,
     json_output: JsonOption = False,
 ) -> None:
-    """Make MODEL smaller and faster without its training data: synthesize → prune → reconstruct → fine-tune → evaluate.
+    """Make MODEL smaller and faster without its training data: synthesize → prune → fine-tune → evaluate.
 
     Give --ratio (that fraction of every prunable group's channels goes) or --flops (the GFLOPs to keep).
     Writes a run directory with the compressed model, the pruned-only model, report.json, report.md
@@ -100,8 +100,6 @@ def compress_command(
         prune_settings.validate()
         eval_data = load_data(data) if data else None
         original = load_model(model, weights)
-        if reconstruct is None:
-            reconstruct = strategy == Strategy.ONESHOT and rounds == 1
         plan = plan_compress(
             original, model_spec=model, prune_settings=prune_settings, strategy=strategy, rounds=rounds,
             reconstruct_settings=ReconstructSettings() if reconstruct else None, preset=preset,

@@ -176,7 +176,7 @@ def plan_compress(
     if reconstruct_settings is not None:
         reconstruct_settings.validate()
         if rounds > 1 or strategy == Strategy.PROGRESSIVE:
-            raise DfbfError("Reconstruction follows one-shot pruning in one round; with --rounds or --strategy progressive, add --no-reconstruct.")
+            raise DfbfError("--reconstruct follows one-shot pruning in one round; leave it out with --rounds or --strategy progressive.")
     if int8 and export is None:
         raise DfbfError("--int8 applies to --export FORMAT (the compressed model exported, INT8 calibrated on the run's synthetic images).")
     if export is not None:
