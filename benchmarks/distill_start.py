@@ -1,0 +1,81 @@
+"""Distillation from the pruned or the reconstructed model, on the fixed synthetic set or a renewed stream:
+the tables of docs/reconstruct.md ("distillation after reconstruction") and docs/finetune.md ("a renewed stream").
+
+    .venv/bin/python benchmarks/distill_start.py cifar SYNTHETIC_DIR --steps 960                    # from the pruned model
+    .venv/bin/python benchmarks/distill_start.py cifar SYNTHETIC_DIR --steps 960 --reconstruct 128  # from the reconstructed one
+    .venv/bin/python benchmarks/distill_start.py cifar SYNTHETIC_DIR --steps 960 --reconstruct 128 --renew 64 --adversarial 1
+
+cifar: ResNet-56 at ratio 0.5, top-1 on the 5,000-image dev file; yolo: yolo11n-pose at ratio 0.3,
+pose / box mAP50-95 on coco-mini-pose. Fine-tuning is compress's recipe (batch 32, ``--precision auto``).
+Prints one JSON line: the metric at the start and the end, and the times. Run alone on the machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+from common import asset, machine, private_copy
+
+from dfbf_cli.adapters import load_data, load_model
+from dfbf_cli.engine.finetune import finetune
+from dfbf_cli.engine.pruning import kept_outputs, prune
+from dfbf_cli.engine.reconstruct import reconstruct
+from dfbf_cli.engine.runtime import resolve_precision
+from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
+from dfbf_cli.settings import FinetuneSettings, PruneSettings, ReconstructSettings
+
+CPU = torch.device("cpu")
+CASES = {
+    "cifar": (lambda: load_model("cifar-resnet56", str(asset("models/cifar10-resnet56.th"))), 0.5,
+              lambda: load_data(str(asset("data/cifar10-test-dev.npz"))), 32, ("top1",)),
+    "yolo": (lambda: load_model(str(asset("models/yolo11n-pose.pt"))), 0.3, lambda: load_data(private_copy("coco-mini-pose")), 640,
+             ("pose_map50_95", "box_map50_95")),
+}
+BATCH = 32
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("case", choices=sorted(CASES))
+    parser.add_argument("synthetic", type=Path)
+    parser.add_argument("--steps", type=int, default=960)
+    parser.add_argument("--reconstruct", type=int, default=0, help="images to reconstruct on first (0: distil the pruned model)")
+    parser.add_argument("--renew", type=int, default=0)
+    parser.add_argument("--renew-steps", type=int, default=20)
+    parser.add_argument("--adversarial", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    load, ratio, data, imgsz, metrics = CASES[args.case]
+    original, labelled = load(), data()
+    images = SyntheticDataset.open(args.synthetic).load()[0]
+    settings = PruneSettings(ratio)
+    student, _ = prune(original, settings)
+    keep = {g.name: settings.keep_count(g.size) for g in original.channel_groups(settings.scope)}
+
+    def score() -> dict[str, float]:
+        found = student.evaluate(labelled, imgsz=imgsz, batch=500 if args.case == "cifar" else 16, device=CPU)
+        return {m: round(found[m], 4) for m in metrics}
+
+    result = {"machine": machine(CPU), **vars(args), "synthetic": str(args.synthetic)}
+    started = time.perf_counter()
+    if args.reconstruct:
+        reconstruct(student, original, images[: args.reconstruct], kept=kept_outputs(original, settings, keep), scope=settings.scope,
+                    damping=ReconstructSettings.damping, device=CPU)
+    result |= {"reconstruct_s": round(time.perf_counter() - started, 1), "start": score()}
+    tuning = FinetuneSettings(epochs=max(1, args.steps // (len(images) // BATCH)), batch=BATCH, precision=resolve_precision("auto", CPU),
+                              renew=args.renew, renew_steps=args.renew_steps, adversarial=args.adversarial)
+    started = time.perf_counter()
+    with tempfile.TemporaryDirectory() as tmp:
+        history = finetune(student, original, images, settings=tuning, scope=settings.scope, device=CPU, seed=args.seed,
+                           state_path=Path(tmp) / "state.pt")
+    result |= {"finetune_s": round(time.perf_counter() - started, 1), "final_loss": round(history[-1].loss, 4), "end": score()}
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
