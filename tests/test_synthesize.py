@@ -88,7 +88,8 @@ def test_interrupted_run_resumes_to_the_same_images(run_cli, tmp_path, monkeypat
     assert run_cli("synthesize", *_cifar(), "--out", interrupted, "--num-images", "6", "--batch", "2", *TINY).code == 0
     resumed = SyntheticDataset.open(interrupted)
     assert [s["file"] for s in resumed.manifest["shards"]] == [f"shard-0000{i}.safetensors" for i in range(3)]
-    assert sorted(p.name for p in interrupted.iterdir()) == sorted(["dataset.json", "preview.png", *(s["file"] for s in resumed.manifest["shards"])])
+    assert sorted(p.name for p in interrupted.iterdir()) == sorted([".dfbf.lock", "dataset.json", "preview.png",  # the writers' lock stays
+                                                                    *(s["file"] for s in resumed.manifest["shards"])])
     torch.testing.assert_close(resumed.load()[0], SyntheticDataset.open(reference).load()[0], rtol=0, atol=0)
 
 

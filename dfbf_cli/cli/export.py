@@ -60,9 +60,9 @@ def export_command(
         size = imgsz or adapter.input_spec.imgsz
         check_imgsz(adapter, size, 1, ctx.device, training=False)
         path = out or default_path(adapter.stem, fmt, int8)
-        adapter.check_export_path(path, fmt)
         check_outputs([Output("--out", path, Kind.DIRECTORY if fmt == ExportFormat.OPENVINO else Kind.FILE)],
                       input_paths(model=model, weights=weights, synthetic=synthetic))
+        adapter.check_export_path(path, fmt)
         check_target(path)
         dataset = None
         if synthetic is not None:
