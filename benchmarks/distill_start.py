@@ -23,8 +23,8 @@ from common import asset, machine, private_copy
 
 from dfbf_cli.adapters import load_data, load_model
 from dfbf_cli.engine.finetune import finetune
-from dfbf_cli.engine.pruning import kept_outputs, prune
-from dfbf_cli.engine.reconstruct import reconstruct
+from dfbf_cli.engine.pruning import prune
+from dfbf_cli.engine.reconstruct import refit_pruned
 from dfbf_cli.engine.runtime import resolve_precision
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
 from dfbf_cli.settings import FinetuneSettings, PruneSettings, ReconstructSettings
@@ -64,8 +64,7 @@ def main() -> None:
     result = {"machine": machine(CPU), **vars(args), "synthetic": str(args.synthetic)}
     started = time.perf_counter()
     if args.reconstruct:
-        reconstruct(student, original, images[: args.reconstruct], kept=kept_outputs(original, settings, keep), scope=settings.scope,
-                    damping=ReconstructSettings.damping, device=CPU)
+        refit_pruned(student, original, settings, keep, images[: args.reconstruct], ReconstructSettings(), device=CPU)
     result |= {"reconstruct_s": round(time.perf_counter() - started, 1), "start": score()}
     tuning = FinetuneSettings(epochs=max(1, args.steps // (len(images) // BATCH)), batch=BATCH, precision=resolve_precision("auto", CPU),
                               renew=args.renew, renew_steps=args.renew_steps, adversarial=args.adversarial)

@@ -115,7 +115,7 @@ def test_compress_resumes_after_reconstruction_without_redoing_it(run_cli, tmp_p
     def must_not_run(*_args, **_kwargs):
         raise AssertionError("reconstruction ran again")
 
-    monkeypatch.setattr(compress_module, "reconstruct", must_not_run)
+    monkeypatch.setattr(compress_module, "refit_pruned", must_not_run)
     result = run_cli(*args, "--json")
     assert result.code == 0, result.stderr
     assert set(json.loads(result.stdout)["fidelity"]["feature_distance_on_fresh_synthetic_images"]) == {"pruned", "reconstructed", "compressed"}

@@ -80,8 +80,8 @@ def prune_command(
         from dfbf_cli.engine.efficiency import check_imgsz, measure_efficiency
         from dfbf_cli.engine.files import Output, check_outputs
         from dfbf_cli.engine.progressive import progressive_prune
-        from dfbf_cli.engine.pruning import kept_outputs, plan_keep, prune
-        from dfbf_cli.engine.reconstruct import reconstruct as reconstruct_scope
+        from dfbf_cli.engine.pruning import plan_keep, prune
+        from dfbf_cli.engine.reconstruct import refit_pruned
         from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
         from dfbf_cli.settings import PruneSettings, ReconstructSettings, require_fraction
 
@@ -120,8 +120,7 @@ def prune_command(
             else:
                 pruned, outcomes = prune(original, settings, keep)
             if images is not None:
-                reconstruct_scope(pruned, original, images, kept=kept_outputs(original, settings, keep), scope=settings.scope,
-                                  damping=ReconstructSettings.damping, device=ctx.device, on_progress=show)
+                refit_pruned(pruned, original, settings, keep, images, ReconstructSettings(), device=ctx.device, on_progress=show)
         before, after = measure_efficiency([(original, size), (pruned, size)], device=ctx.device, runs=latency_runs)
         if path is not None and current().main:
             pruned.save(path)

@@ -41,8 +41,8 @@ from dfbf_cli.engine.files import LOCK_FILE, Kind, Output, check_outputs, read_j
 from dfbf_cli.engine.finetune import EpochRecord, finetune
 from dfbf_cli.engine.progress import ProgressCallback, ignore
 from dfbf_cli.engine.progressive import progressive_prune
-from dfbf_cli.engine.pruning import kept_outputs, plan_keep, prune
-from dfbf_cli.engine.reconstruct import reconstruct
+from dfbf_cli.engine.pruning import plan_keep, prune
+from dfbf_cli.engine.reconstruct import refit_pruned
 from dfbf_cli.engine.report import write_report
 from dfbf_cli.engine.synthesis import plan_synthesis, run_synthesis
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
@@ -265,8 +265,7 @@ def _reconstructed(plan: CompressPlan, pruned: ModelAdapter, keep: dict[str, int
     images = dataset.load()[0][: plan.reconstruct.images]
     log.info("Reconstructing the pruned %s in closed form on %d synthetic image(s).", plan.prune.scope, len(images))
     student = pruned.with_model(copy.deepcopy(pruned.model))
-    reconstruct(student, plan.original, images, kept=kept_outputs(plan.original, plan.prune, keep), scope=plan.prune.scope,
-                damping=plan.reconstruct.damping, device=plan.device, on_progress=on_progress)
+    refit_pruned(student, plan.original, plan.prune, keep, images, plan.reconstruct, device=plan.device, on_progress=on_progress)
     return student
 
 
@@ -342,9 +341,8 @@ def _run_stages(plan: CompressPlan, on_progress: ProgressCallback) -> CompressRe
             log.info("Exporting the compressed model to %s%s.", plan.export, " INT8, calibrated on the synthetic images" if plan.int8 else "")
             export_model(compressed, plan.export, target, imgsz=original.input_spec.imgsz, calibration=dataset if plan.int8 else None)
         exported = compressed.load_export(target)
-    fidelity = {stage: feature_gap(model, original, holdout, scope=plan.prune.scope, device=plan.device)
-                for stage, model in (("pruned", pruned), ("reconstructed", start if start is not pruned else None), ("compressed", compressed))
-                if model is not None}
+    stages = [("pruned", pruned)] + ([("reconstructed", start)] if plan.reconstruct else []) + [("compressed", compressed)]
+    fidelity = {stage: feature_gap(model, original, holdout, scope=plan.prune.scope, device=plan.device) for stage, model in stages}
     reports, baseline, verdict = _evaluate(plan, pruned, compressed, exported, on_progress)
     metric = None if plan.eval_data is None else watched_metric(original, plan.eval_data)
     drop = None if metric is None else (reports[0].metrics[metric.name] - reports[2].metrics[metric.name]) * (1 if metric.higher_is_better else -1)

@@ -92,9 +92,10 @@ def _by_runtime(models: list[nn.Module], examples: list[torch.Tensor], runtimes:
     """:func:`median_latencies_ms` within each runtime, one runtime's block after another: a runtime's idle
     threads (PyTorch's OpenMP pool spins after each pass) would otherwise slow the next runtime's pass."""
     latencies = [0.0] * len(models)
-    for runtime in dict.fromkeys(runtimes):
+    for block, runtime in enumerate(dict.fromkeys(runtimes)):
         chosen = [i for i, r in enumerate(runtimes) if r == runtime]
-        time.sleep(RUNTIME_PAUSE_S)
+        if block:
+            time.sleep(RUNTIME_PAUSE_S)
         for i, ms in zip(chosen, median_latencies_ms([models[i] for i in chosen], [examples[i] for i in chosen], runs)):
             latencies[i] = ms
     return latencies

@@ -21,7 +21,7 @@ from torch import nn
 
 from dfbf_cli.contract import ModelAdapter
 from dfbf_cli.engine.progress import ProgressCallback, ProgressEvent, ignore
-from dfbf_cli.settings import Scope
+from dfbf_cli.settings import PruneSettings, ReconstructSettings, Scope
 
 FITTED = (nn.Conv2d, nn.Linear)
 
@@ -138,6 +138,15 @@ def reconstruct(
         on_progress(ProgressEvent("reconstruct", index + 1, len(layers), {"layer": name}))
     student.weights_changed()
     return fits
+
+
+def refit_pruned(student: ModelAdapter, original: ModelAdapter, prune: PruneSettings, keep: dict[str, int], images: torch.Tensor,
+                 settings: ReconstructSettings, *, device: torch.device, on_progress: ProgressCallback = ignore) -> list[LayerFit]:
+    """:func:`reconstruct` a model that one-shot pruning cut from ``original`` to ``keep`` channels per group."""
+    from dfbf_cli.engine.pruning import kept_outputs
+
+    return reconstruct(student, original, images, kept=kept_outputs(original, prune, keep), scope=prune.scope, damping=settings.damping,
+                       device=device, on_progress=on_progress)
 
 
 @dataclass(frozen=True)
