@@ -24,7 +24,7 @@ from torch import nn
 
 from dfbf_cli.errors import DfbfError
 from dfbf_cli.images import read_image, square_batch
-from dfbf_cli.settings import ExportFormat, Scope
+from dfbf_cli.settings import ExportFormat, Int8Recipe, Scope
 
 # -- how images enter a model ------------------------------------------------------------------------
 
@@ -192,6 +192,14 @@ class DatasetFile:
 EvalData = LabelledImages | ImageFolder | DatasetFile
 
 
+@dataclass(frozen=True)
+class Artefact:
+    """An export as written: its folder or file, and the operations an INT8 export kept in floating point."""
+
+    path: Path
+    kept_fp: tuple[str, ...] = ()
+
+
 # -- the adapter ------------------------------------------------------------------------------------
 
 
@@ -280,9 +288,10 @@ class ModelAdapter(ABC):
     def robustness(self, data: EvalData, *, imgsz: int, batch: int, device: torch.device) -> dict[str, float]:
         """The task metrics under perturbed inputs, keyed by metric and perturbation."""
 
-    def export(self, folder: Path, fmt: ExportFormat, *, imgsz: int, calibration: torch.Tensor | None) -> Path:
-        """Write the model in ``fmt`` into ``folder`` (INT8 when ``calibration`` images, uint8 N×3×H×W, are
-        given); return the artefact written (a folder or a file)."""
+    def export(self, folder: Path, fmt: ExportFormat, *, imgsz: int, calibration: torch.Tensor | None,
+               recipe: Int8Recipe = Int8Recipe.MIXED) -> Artefact:
+        """Write the model in ``fmt`` into ``folder`` (INT8 by ``recipe`` when ``calibration`` images, uint8
+        N×3×H×W, are given); return what was written."""
         raise DfbfError(f"{self.describe()} cannot be exported.")
 
     def check_export_path(self, path: Path, fmt: ExportFormat) -> None:

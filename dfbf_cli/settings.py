@@ -87,6 +87,23 @@ class ExportFormat(Choice):
 EXPORT_PACKAGES = {ExportFormat.OPENVINO: ("openvino", "nncf"), ExportFormat.ONNX: ("onnx", "onnxruntime", "onnxslim")}
 EXPORT_EXTRA = 'pip install "dfbf[export]"'
 CALIBRATION_IMAGES = 300  # at most; Ultralytics advises 300-1,000 representative images
+CALIBRATION_SET_IMAGES = 32  # what `dfbf export --int8` synthesises itself, at the export's size, when no --synthetic is given
+CALIBRATION_SET_BATCH = 16
+HELD_OUT_SHARE = 0.25  # of the calibration images, kept aside to score INT8 recipes by agreement with FP32
+MIN_HELD_OUT = 2  # fewer held-out images than this: no comparison, the first recipe is used
+
+
+class Int8Recipe(Choice):
+    """How NNCF quantises an OpenVINO export. AUTO quantises with each of the others and keeps the one
+    whose outputs agree best with the FP32 model on held-out synthetic images."""
+
+    AUTO = "auto"
+    MIXED = "mixed"  # NNCF's mixed preset, fast bias correction: Ultralytics' own INT8
+    OUTPUTS_FP = "outputs-fp"  # the same, with the layers that write the model's outputs kept in FP
+    BIAS_CORRECTION = "bias-correction"  # full bias correction instead of the fast one
+
+
+INT8_CANDIDATES = (Int8Recipe.MIXED, Int8Recipe.OUTPUTS_FP, Int8Recipe.BIAS_CORRECTION)
 
 
 class BatchNormMode(Choice):
@@ -261,6 +278,8 @@ class Preset:
     def imgsz(self, model_imgsz: int) -> int:
         return min(model_imgsz, self.max_imgsz or model_imgsz)
 
+
+CALIBRATION_SYNTHESIS = SynthesisSettings(low_res_iterations=60, iterations=15)  # measured in docs/export.md: ≤ 10 min with the export
 
 PRESETS = {
     PresetName.QUICK: Preset(256, 16, 256, SynthesisSettings(low_res_iterations=50, iterations=50), 40, 40),

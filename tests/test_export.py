@@ -72,6 +72,55 @@ def test_classifier_exports_int8_and_agrees_with_itself(run_cli, tmp_path, r20_s
     assert agreement["models"][0]["metrics"]["agreement_top1"] >= 50  # INT8 follows its FP32 original on its own images
 
 
+def test_agreement_is_perfect_for_the_model_itself_and_falls_for_a_damaged_copy(tmp_path, r20_synthetic):
+    from dfbf_cli.engine.export import _pictures, held_out_split
+
+    spec, synthetic = r20_synthetic
+    model = load_model(spec[0], spec[2])
+    calibration, held_out = held_out_split(SyntheticDataset.open(synthetic).load()[0])
+    assert (len(calibration), len(held_out)) == (6, 2)
+    pictures = _pictures(tmp_path / "held-out", held_out)
+    itself = model.agreement(model, pictures, imgsz=32, batch=2, device=torch.device("cpu"))
+    assert itself["agreement_top1"] == 100.0 and itself["agreement_kl"] == pytest.approx(0.0, abs=1e-6)
+    damaged = load_model(spec[0], spec[2])
+    last = [m for m in damaged.model.modules() if isinstance(m, torch.nn.Linear)][-1]
+    with torch.no_grad():
+        last.weight.add_(torch.randn_like(last.weight))
+    assert damaged.agreement(model, pictures, imgsz=32, batch=2, device=torch.device("cpu"))["agreement_kl"] > 1e-3
+
+
+@pytest.mark.slow
+def test_int8_auto_keeps_the_recipe_that_agrees_best_and_records_what_stayed_in_fp(run_cli, tmp_path, r20_synthetic):
+    spec, synthetic = r20_synthetic
+    out = tmp_path / "r20_int8_openvino_model"
+    made = _json(run_cli("export", *spec, "--format", "openvino", "--int8", "--synthetic", synthetic, "--out", out, "--json", *QUIET))
+    record = json.loads((out / "dfbf.json").read_text())
+    quantised = record["int8"]
+    assert made["int8_recipe"] == quantised and record["calibration"]["images"] == 6 and quantised["held_out_images"] == 2
+    scores = {recipe: values["agreement_top1"] for recipe, values in quantised["agreement"].items()}
+    assert set(scores) == {"mixed", "outputs-fp", "bias-correction"} and scores[quantised["recipe"]] == max(scores.values())
+    fixed = _json(run_cli("export", *spec, "--format", "openvino", "--int8", "--synthetic", synthetic, "--int8-recipe", "outputs-fp",
+                          "--out", tmp_path / "fixed_openvino_model", "--json", *QUIET))["int8_recipe"]
+    assert fixed["recipe"] == "outputs-fp" and list(fixed["agreement"]) == ["outputs-fp"]
+    assert any("MatMul" in name for name in fixed["kept_fp"])  # the classifier's last layer writes its output
+
+
+@pytest.mark.slow
+def test_int8_without_synthetic_makes_its_own_calibration_set_and_reuses_it(run_cli, tmp_path, random_r20, monkeypatch):
+    import dfbf_cli.engine.export as engine_export
+
+    monkeypatch.setattr(engine_export, "CALIBRATION_SET_IMAGES", 8)  # the real 32 take longer, nothing else differs
+    monkeypatch.chdir(tmp_path)
+    made = _json(run_cli("export", *random_r20, "--format", "onnx", "--int8", "--json", *QUIET))
+    own = tmp_path / "r20-random-synthetic-32px"
+    dataset = SyntheticDataset.open(own)
+    assert dataset.num_images == 8 and dataset.manifest["imgsz"] == 32 and (tmp_path / made["calibration"]["synthetic"]).resolve() == own.resolve()
+    assert made["calibration"]["images"] == 6 and made["int8_recipe"]["held_out_images"] == 2
+    shards = sorted(p.name for p in own.iterdir())
+    again = _json(run_cli("export", *random_r20, "--format", "onnx", "--int8", "--json", *QUIET))
+    assert again["calibration"] == made["calibration"] and sorted(p.name for p in own.iterdir()) == shards
+
+
 @pytest.mark.slow
 def test_yolo_int8_openvino_export_is_a_stock_ultralytics_model(run_cli, tmp_path, random_pose):
     model, data = random_pose
@@ -111,7 +160,7 @@ def test_compress_exports_the_compressed_model_and_scores_it_beside_the_others(r
     ("args", "message"),
     [
         (["--format", "tflite"], "'tflite' is not one of"),
-        (["--format", "openvino", "--int8"], "--int8 needs calibration images"),
+        (["--format", "onnx", "--int8", "--synthetic", "{synthetic}", "--int8-recipe", "outputs-fp"], "needs --int8 --format openvino"),
         (["--format", "onnx", "--synthetic", "{synthetic}"], "add --int8"),
         (["--format", "onnx", "--int8", "--synthetic", "{other}"], "--allow-teacher-mismatch"),
         (["--format", "onnx", "--out", "{folder}"], "existing directory"),

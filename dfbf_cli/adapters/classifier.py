@@ -20,6 +20,7 @@ from torch import nn
 from dfbf_cli.adapters.cifar_resnet import DEPTHS, CifarResNet
 from dfbf_cli.contract import (
     IMAGENET,
+    Artefact,
     BackboneSplit,
     ChannelGroup,
     EvalData,
@@ -32,7 +33,7 @@ from dfbf_cli.contract import (
 from dfbf_cli.engine.files import atomic_path
 from dfbf_cli.engine.surgery import resize_to_state_dict
 from dfbf_cli.errors import DfbfError
-from dfbf_cli.settings import ExportFormat, Scope
+from dfbf_cli.settings import ExportFormat, Int8Recipe, Scope
 
 log = logging.getLogger("dfbf")
 
@@ -249,9 +250,14 @@ def classification_robustness(
 
 @torch.inference_mode()
 def top1_agreement(student: Scorer, teacher: Scorer, images: ImageFolder, *, imgsz: int, batch: int) -> dict[str, float]:
-    """Percentage of images on which student and teacher pick the same class."""
-    same = sum((student(x).argmax(1) == teacher(x).argmax(1)).sum().item() for x in images.batches(imgsz, batch))
-    return {"agreement_top1": 100.0 * same / len(images)}
+    """Percentage of images on which student and teacher pick the same class, and the mean KL divergence of
+    the student's class distribution from the teacher's (finer than top-1 on a few images)."""
+    same = divergence = 0.0
+    for x in images.batches(imgsz, batch):
+        ours, theirs = student(x).float().log_softmax(1), teacher(x).float().log_softmax(1)
+        same += (ours.argmax(1) == theirs.argmax(1)).sum().item()
+        divergence += F.kl_div(ours, theirs, log_target=True, reduction="sum").item()
+    return {"agreement_top1": 100.0 * same / len(images), "agreement_kl": divergence / len(images)}
 
 
 class ClassifierAdapter(ModelAdapter):
@@ -336,10 +342,11 @@ class ClassifierAdapter(ModelAdapter):
                 torch.save({"state_dict": state, **record}, tmp)
         return path
 
-    def export(self, folder: Path, fmt: ExportFormat, *, imgsz: int, calibration: torch.Tensor | None) -> Path:
+    def export(self, folder: Path, fmt: ExportFormat, *, imgsz: int, calibration: torch.Tensor | None,
+               recipe: Int8Recipe = Int8Recipe.MIXED) -> Artefact:
         from dfbf_cli.adapters.classifier_export import export_classifier
 
-        return export_classifier(self, folder, fmt, imgsz=imgsz, calibration=calibration)
+        return export_classifier(self, folder, fmt, imgsz=imgsz, calibration=calibration, recipe=recipe)
 
     def load_export(self, path: Path) -> ClassifierAdapter:
         from dfbf_cli.adapters.classifier_export import ExportedClassifier

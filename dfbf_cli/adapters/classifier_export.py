@@ -11,10 +11,10 @@ import torch
 from torch import nn
 
 from dfbf_cli.adapters.classifier import ClassifierAdapter
-from dfbf_cli.contract import EvalData, Exported, InputSpec
+from dfbf_cli.contract import Artefact, EvalData, Exported, InputSpec
 from dfbf_cli.errors import DfbfError
 from dfbf_cli.images import fit_to_square
-from dfbf_cli.settings import ExportFormat
+from dfbf_cli.settings import ExportFormat, Int8Recipe
 
 
 def _inputs(adapter: ClassifierAdapter, images: torch.Tensor, imgsz: int) -> np.ndarray:
@@ -22,21 +22,23 @@ def _inputs(adapter: ClassifierAdapter, images: torch.Tensor, imgsz: int) -> np.
     return adapter.input_spec.normalize(torch.stack([fit_to_square(i, imgsz) for i in images]).float() / 255).numpy()
 
 
-def export_classifier(adapter: ClassifierAdapter, folder: Path, fmt: ExportFormat, *, imgsz: int, calibration: torch.Tensor | None) -> Path:
+def export_classifier(adapter: ClassifierAdapter, folder: Path, fmt: ExportFormat, *, imgsz: int, calibration: torch.Tensor | None,
+                      recipe: Int8Recipe) -> Artefact:
     model, example = adapter.model.eval().cpu(), torch.zeros(1, 3, imgsz, imgsz)
     samples = [] if calibration is None else [_inputs(adapter, calibration[i : i + 1], imgsz) for i in range(len(calibration))]
     if fmt == ExportFormat.OPENVINO:
         import openvino as ov
 
-        converted = ov.convert_model(model, example_input=example, input=[-1, 3, imgsz, imgsz])
-        if samples:
-            import nncf
+        from dfbf_cli.int8 import quantize_openvino
 
-            converted = nncf.quantize(converted, nncf.Dataset(samples), subset_size=len(samples))
+        converted, kept = ov.convert_model(model, example_input=example, input=[-1, 3, imgsz, imgsz]), []
+        if samples:
+            converted, kept = quantize_openvino(converted, samples, recipe)
         target = folder / f"{adapter.stem}_openvino_model"
-        target.mkdir()
+        target.mkdir(parents=True)
         ov.save_model(converted, str(target / "model.xml"), compress_to_fp16=False)
-        return target
+        return Artefact(target, tuple(kept))
+    folder.mkdir(parents=True, exist_ok=True)
     target = folder / f"{adapter.stem}.onnx"
     float_model = folder / "float.onnx" if samples else target
     torch.onnx.export(model, example, str(float_model), input_names=["images"], output_names=["logits"], opset_version=17,
@@ -56,7 +58,7 @@ def export_classifier(adapter: ClassifierAdapter, folder: Path, fmt: ExportForma
         quant_pre_process(str(float_model), str(prepared))  # shape inference and graph optimisation, as ONNX Runtime advises
         quantize_static(str(prepared), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-    return target
+    return Artefact(target)
 
 
 class RuntimeModel(nn.Module):

@@ -39,11 +39,11 @@ from dfbf_cli.adapters.classifier import (
 )
 from dfbf_cli.adapters.yolo_data import YoloDataset, noisy_copy, pseudo_labelled
 from dfbf_cli.contract import (
+    Artefact,
     BackboneSplit,
     ChannelGroup,
     ChannelSlice,
     EvalData,
-    Exported,
     ImageFolder,
     InputSpec,
     Metric,
@@ -52,7 +52,7 @@ from dfbf_cli.contract import (
 )
 from dfbf_cli.engine.files import atomic_path, temporary_folder
 from dfbf_cli.errors import DfbfError
-from dfbf_cli.settings import ExportFormat, Scope
+from dfbf_cli.settings import ExportFormat, Int8Recipe, Scope
 
 log = logging.getLogger("dfbf")
 
@@ -272,12 +272,12 @@ def _checkpoint(spec: str, path: Path) -> dict:
         if "outside the supported" in str(error):
             raise DfbfError(f"'{spec}' holds objects outside Ultralytics' checkpoint format, and unpickling them could run code, so dfbf "
                             f"refuses it; if you trust the file, run again with {TRUST_VARIABLE}=1.") from error
-        raise DfbfError(f"Cannot load '{spec}' as an Ultralytics YOLO model: {_first_line(error)}") from error
+        raise DfbfError(f"Cannot load '{spec}' as an Ultralytics YOLO model: {first_line(error)}") from error
     except (FileNotFoundError, ConnectionError) as error:
-        raise DfbfError(f"Model '{spec}' is not a local file and could not be downloaded ({_first_line(error)}); "
+        raise DfbfError(f"Model '{spec}' is not a local file and could not be downloaded ({first_line(error)}); "
                         "download it where you are online, or pass the path of a local checkpoint.") from error
     except Exception as error:  # a corrupt or foreign file: the loader raises many types
-        raise DfbfError(f"Cannot load '{spec}' as an Ultralytics YOLO model: {_first_line(error)}") from error
+        raise DfbfError(f"Cannot load '{spec}' as an Ultralytics YOLO model: {first_line(error)}") from error
     if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("ema") or checkpoint.get("model"), nn.Module):
         raise DfbfError(f"'{spec}' is not an Ultralytics checkpoint (no model in it).")
     return checkpoint
@@ -294,7 +294,7 @@ def _task_of(model: nn.Module) -> str:
     return type(head).__name__
 
 
-def _first_line(error: Exception) -> str:
+def first_line(error: Exception) -> str:
     return str(error).replace("ERROR ❌️", "").replace("❌", "").strip().splitlines()[0]
 
 
@@ -306,7 +306,7 @@ def load_yolo(spec: str) -> YoloAdapter:
             model = ultralytics().YOLO(str(path) if path.exists() else spec).model
         except Exception as error:  # a missing or malformed YAML
             raise DfbfError(f"Cannot build a YOLO model from '{spec}' (a local YAML or one of Ultralytics' built-in YAMLs): "
-                            f"{_first_line(error)}") from error
+                            f"{first_line(error)}") from error
         log.warning("%s is a model YAML: randomly initialised (useful only for structural checks).", spec)
         task, train_args, source = _task_of(model), {}, None
     else:
@@ -426,14 +426,11 @@ class YoloAdapter(ModelAdapter):
             torch.save(checkpoint, tmp)
         return path
 
-    def export(self, folder: Path, fmt: ExportFormat, *, imgsz: int, calibration: torch.Tensor | None) -> Path:
-        """Through Ultralytics' own exporter, so the result is a stock export: ``YOLO(path)`` predicts and validates
-        with it. INT8 calibration reads the synthetic images as an unlabelled dataset (its loader needs no labels)."""
-        arguments = {"format": str(fmt), "imgsz": imgsz, "device": "cpu", "verbose": False}
-        if calibration is not None:
-            arguments |= {"quantize": 8, "data": str(self._calibration_dataset(folder / "calibration", calibration)), "fraction": 1.0, "batch": 1}
-        with keeping_torch_threads():
-            return Path(self._stock(folder).export(**arguments))
+    def export(self, folder: Path, fmt: ExportFormat, *, imgsz: int, calibration: torch.Tensor | None,
+               recipe: Int8Recipe = Int8Recipe.MIXED) -> Artefact:
+        from dfbf_cli.adapters.yolo_export import export_yolo
+
+        return export_yolo(self, folder, fmt, imgsz=imgsz, calibration=calibration, recipe=recipe)
 
     def check_export_path(self, path: Path, fmt: ExportFormat) -> None:
         super().check_export_path(path, fmt)
@@ -441,17 +438,9 @@ class YoloAdapter(ModelAdapter):
             raise DfbfError(f"--out {path}: Ultralytics recognises an OpenVINO folder by its name's ending; call it {path.name}{OPENVINO_SUFFIX}.")
 
     def load_export(self, path: Path) -> YoloAdapter:
+        from dfbf_cli.adapters.yolo_export import ExportedYolo
+
         return ExportedYolo(path)
-
-    def _calibration_dataset(self, folder: Path, images: torch.Tensor) -> Path:
-        from PIL import Image
-
-        pictures = folder / "images" / "calib"
-        pictures.mkdir(parents=True)
-        for index, image in enumerate(images):
-            Image.fromarray(image.permute(1, 2, 0).numpy()).save(pictures / f"synthetic-{index:05d}.png")
-        config = {"names": dict(self.model.names)} | ({"kpt_shape": list(self.model.kpt_shape)} if self.task == "pose" else {})
-        return pseudo_labelled(folder / "dataset", sorted(pictures.iterdir()), {}, config)
 
     def _stock(self, folder: Path, role: str = "model"):
         """This model as a stock ``ultralytics.YOLO`` (saved and reloaded, so it never aliases ``self.model``)."""
@@ -528,26 +517,3 @@ class YoloAdapter(ModelAdapter):
             data_yaml = pseudo_labelled(Path(tmp), list(images.files), labels, config)
             metrics = self._validate(Path(tmp), data_yaml, imgsz=imgsz, batch=batch, device=device)
         return {f"agreement_{k}": v for k, v in metrics.items()}
-
-
-class ExportedYolo(Exported, YoloAdapter):
-    """A YOLO model exported to an inference runtime (OpenVINO, ONNX): scored and timed through Ultralytics'
-    AutoBackend, never pruned or trained."""
-
-    def __init__(self, path: Path):
-        from ultralytics.nn.autobackend import AutoBackend
-
-        ultralytics()
-        try:
-            backend = AutoBackend(str(path), device=torch.device("cpu"), verbose=False)
-        except Exception as error:  # a broken or foreign export
-            raise DfbfError(f"Cannot load '{path}' as an exported YOLO model: {_first_line(error)}") from error
-        imgsz = backend.imgsz[0] if isinstance(getattr(backend, "imgsz", None), (list, tuple)) else 640
-        super().__init__(backend, task=backend.task, name=path.name, input_spec=InputSpec(imgsz, stride=int(backend.stride)),
-                         source=path, train_args={"imgsz": imgsz})
-        from dfbf_cli.engine.export import read_record
-
-        self.record = read_record(path)  # None for an Ultralytics export dfbf did not make: its costs are then unknown
-
-    def _stock(self, folder: Path, role: str = "model"):
-        return ultralytics().YOLO(str(self.source), task=self.task)

@@ -3,8 +3,9 @@
 Every INT8 path needs calibration images, exactly what a dfbf user lacks; the synthetic dataset made
 from the model's BatchNorm statistics serves (docs/export.md measures how well). The adapter does the
 format's work (Ultralytics' exporter for YOLO, OpenVINO + NNCF or ONNX Runtime for classifiers); this
-module checks the request, picks the calibration images, and moves the result into place only once
-it is complete, with a record of what it is (``dfbf.json``).
+module checks the request, picks the calibration images (or makes a small set at the export's size),
+chooses the INT8 recipe by agreement with the FP32 model on held-out synthetic images, and moves the
+result into place only once it is complete, with a record of what it is (``dfbf.json``).
 """
 
 from __future__ import annotations
@@ -18,11 +19,26 @@ from pathlib import Path
 import torch
 
 from dfbf_cli import __version__
-from dfbf_cli.contract import ModelAdapter
+from dfbf_cli.contract import Artefact, ImageFolder, ModelAdapter
 from dfbf_cli.engine.efficiency import count_params, example_input, gflops
+from dfbf_cli.engine.progress import ProgressCallback, ProgressEvent, ignore
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
 from dfbf_cli.errors import DfbfError
-from dfbf_cli.settings import CALIBRATION_IMAGES, EXPORT_EXTRA, EXPORT_PACKAGES, ExportFormat, Scope
+from dfbf_cli.settings import (
+    CALIBRATION_IMAGES,
+    CALIBRATION_SET_BATCH,
+    CALIBRATION_SET_IMAGES,
+    CALIBRATION_SYNTHESIS,
+    EXPORT_EXTRA,
+    EXPORT_PACKAGES,
+    HELD_OUT_SHARE,
+    INT8_CANDIDATES,
+    MIN_HELD_OUT,
+    ExportFormat,
+    Int8Recipe,
+    Precision,
+    Scope,
+)
 
 RECORD = "dfbf.json"  # beside an exported folder's files; inside an .onnx file's metadata under this key
 
@@ -49,15 +65,33 @@ def calibration_images(dataset: SyntheticDataset, limit: int = CALIBRATION_IMAGE
     return images
 
 
+def calibration_path(out: Path, stem: str, imgsz: int) -> Path:
+    """Where ``dfbf export --int8`` keeps the calibration set it makes: beside the export, named by model and
+    size, so that the next export of the same model at that size reuses it."""
+    return out.parent / f"{stem}-synthetic-{imgsz}px"
+
+
+def make_calibration_set(adapter: ModelAdapter, folder: Path, *, imgsz: int, device: torch.device, seed: int,
+                         on_progress: ProgressCallback = ignore) -> SyntheticDataset:
+    """A small synthetic set at the export's input size (made, or continued after an interruption)."""
+    from dfbf_cli.engine.runtime import resolve_precision
+    from dfbf_cli.engine.synthesis import plan_synthesis, run_synthesis
+
+    plan = plan_synthesis(adapter, folder, num_images=CALIBRATION_SET_IMAGES, imgsz=imgsz, batch=CALIBRATION_SET_BATCH,
+                          settings=CALIBRATION_SYNTHESIS, seed=seed, precision=resolve_precision(Precision.AUTO, device))
+    return run_synthesis(adapter, plan, device=device, on_progress=on_progress)
+
+
 def check_target(out: Path) -> None:
     """An export may replace an earlier dfbf export at ``out``, nothing else."""
     if out.exists() and (out.is_dir() != (out.suffix != ".onnx") or read_record(out) is None):
         raise DfbfError(f"--out {out} exists and is not a dfbf export of this format; choose a new path.")
 
 
-def export(adapter: ModelAdapter, fmt: ExportFormat, out: Path, *, imgsz: int, calibration: SyntheticDataset | None) -> Path:
+def export(adapter: ModelAdapter, fmt: ExportFormat, out: Path, *, imgsz: int, calibration: SyntheticDataset | None,
+           recipe: Int8Recipe = Int8Recipe.AUTO, on_progress: ProgressCallback = ignore) -> dict:
     """Write ``adapter`` as ``fmt`` (INT8 when a calibration set is given) to ``out``, which appears only
-    once complete."""
+    once complete; return its record."""
     images = None if calibration is None else calibration_images(calibration)
     example = example_input(imgsz)
     record = {
@@ -65,19 +99,71 @@ def export(adapter: ModelAdapter, fmt: ExportFormat, out: Path, *, imgsz: int, c
         "input_spec": adapter.input_spec.to_dict(), "classes": adapter.synthesis_classes(),
         "source": {"name": adapter.name, "family": adapter.family, "task": adapter.task, "params": count_params(adapter.model),
                    "backbone_params": count_params(adapter.split(Scope.BACKBONE).backbone), "gflops": gflops(adapter.model.cpu().eval(), example)},
-        "calibration": None if calibration is None else {"synthetic": str(calibration.root), "images": len(images), "teacher": calibration.fingerprint},
+        "calibration": None if calibration is None else {"synthetic": str(calibration.root), "teacher": calibration.fingerprint},
     }
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".dfbf-export-", dir=out.parent) as tmp:
-        artefact = adapter.export(Path(tmp), fmt, imgsz=imgsz, calibration=images)
-        if artefact.is_dir():
-            (artefact / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+        if images is None:
+            artefact = adapter.export(Path(tmp), fmt, imgsz=imgsz, calibration=None)
         else:
-            _embed(artefact, record)
+            artefact, record["int8"] = _quantise(adapter, fmt, Path(tmp), images, record, recipe=recipe, imgsz=imgsz, on_progress=on_progress)
+            record["calibration"]["images"] = record["int8"].pop("calibration_images")
+        _write_record(artefact.path, record)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
-        artefact.replace(out)
-    return out
+        artefact.path.replace(out)
+    return record
+
+
+def held_out_split(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(calibration, held-out): every k-th image kept aside for scoring, none when too few would be."""
+    held = torch.zeros(len(images), dtype=torch.bool)
+    if round(len(images) * HELD_OUT_SHARE) >= MIN_HELD_OUT:
+        held[torch.linspace(0, len(images) - 1, round(len(images) * HELD_OUT_SHARE)).round().long()] = True
+    return images[~held], images[held]
+
+
+def _quantise(adapter: ModelAdapter, fmt: ExportFormat, folder: Path, images: torch.Tensor, record: dict, *, recipe: Int8Recipe, imgsz: int,
+              on_progress: ProgressCallback) -> tuple[Artefact, dict]:
+    """The INT8 export by ``recipe``; for AUTO, by each candidate recipe the format offers, the one whose outputs agree
+    best with ``adapter``'s own on held-out synthetic images. Returns it and what was chosen and measured."""
+    calibration, held_out = held_out_split(images)
+    recipes = [recipe] if recipe != Int8Recipe.AUTO else list(INT8_CANDIDATES if fmt == ExportFormat.OPENVINO and len(held_out) else INT8_CANDIDATES[:1])
+    pictures = _pictures(folder / "held-out", held_out)
+    metric = adapter.primary_metric().agreement().name
+    trials: list[tuple[Int8Recipe, Artefact, dict[str, float]]] = []
+    for done, candidate in enumerate(recipes):
+        on_progress(ProgressEvent("INT8 recipes", done, len(recipes), {"trying": str(candidate)}))
+        artefact = adapter.export(folder / str(candidate), fmt, imgsz=imgsz, calibration=calibration, recipe=candidate)
+        _write_record(artefact.path, record)  # reading an export back needs its record
+        scores = {} if pictures is None else adapter.load_export(artefact.path).agreement(adapter, pictures, imgsz=imgsz, batch=1,
+                                                                                          device=torch.device("cpu"))
+        trials.append((candidate, artefact, scores))
+    on_progress(ProgressEvent("INT8 recipes", len(recipes), len(recipes)))
+    chosen, artefact, _ = max(trials, key=lambda t: (t[2].get(metric, 0.0), -t[2].get("agreement_kl", 0.0)))  # the first of equals
+    return artefact, {"recipe": str(chosen) if fmt == ExportFormat.OPENVINO else None, "kept_fp": list(artefact.kept_fp),
+                      "held_out_images": len(held_out), "calibration_images": len(calibration),
+                      "agreement_metric": metric, "agreement": {str(r): scores for r, _, scores in trials}}
+
+
+def _pictures(folder: Path, images: torch.Tensor) -> ImageFolder | None:
+    """``images`` as PNG files (what an adapter's agreement reads), or None when there are none."""
+    if not len(images):
+        return None
+    from PIL import Image
+
+    folder.mkdir(parents=True)
+    files = tuple(folder / f"held-out-{i:04d}.png" for i in range(len(images)))
+    for file, image in zip(files, images, strict=True):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(file)
+    return ImageFolder(folder, files)
+
+
+def _write_record(artefact: Path, record: dict) -> None:
+    if artefact.is_dir():
+        (artefact / RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    else:
+        _embed(artefact, record)
 
 
 def _embed(onnx_file: Path, record: dict) -> None:

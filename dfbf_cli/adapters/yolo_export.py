@@ -1,0 +1,95 @@
+"""YOLO models in an inference runtime: written by Ultralytics' own exporter, so ``YOLO(path)`` predicts and
+validates with the result without dfbf, and read back through Ultralytics' AutoBackend to be scored.
+
+OpenVINO INT8 quantises the exporter's FP32 model with NNCF itself (``dfbf_cli.int8``) rather than through
+the exporter, so that the engine can compare recipes; the detection head's decode stays in floating point
+as in Ultralytics' own INT8. ONNX INT8 is the exporter's.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import torch
+
+from dfbf_cli.adapters.yolo import OPENVINO_SUFFIX, YoloAdapter, first_line, keeping_torch_threads, ultralytics
+from dfbf_cli.adapters.yolo_data import pseudo_labelled
+from dfbf_cli.contract import Artefact, Exported, InputSpec
+from dfbf_cli.errors import DfbfError
+from dfbf_cli.settings import ExportFormat, Int8Recipe
+
+
+def export_yolo(adapter: YoloAdapter, folder: Path, fmt: ExportFormat, *, imgsz: int, calibration: torch.Tensor | None,
+                recipe: Int8Recipe) -> Artefact:
+    arguments = {"format": str(fmt), "imgsz": imgsz, "device": "cpu", "verbose": False}
+    if calibration is not None and fmt == ExportFormat.ONNX:  # the exporter's loader reads the images as an unlabelled dataset
+        arguments |= {"quantize": 8, "data": str(_calibration_dataset(adapter, folder / "calibration", calibration)), "fraction": 1.0, "batch": 1}
+    with keeping_torch_threads():
+        written = Path(adapter._stock(folder).export(**arguments))
+    if calibration is None or fmt == ExportFormat.ONNX:
+        return Artefact(written)
+    return _quantize_openvino(written, folder / written.name.replace(OPENVINO_SUFFIX, f"_int8{OPENVINO_SUFFIX}"), calibration, imgsz, recipe)
+
+
+def _quantize_openvino(fp32: Path, target: Path, calibration: torch.Tensor, imgsz: int, recipe: Int8Recipe) -> Artefact:
+    """The FP32 folder's model in INT8, written to ``target`` beside a copy of its metadata."""
+    import openvino as ov
+    import torchvision.transforms.functional as TF
+
+    from dfbf_cli.int8 import quantize_openvino
+
+    model = ov.Core().read_model(str(next(fp32.glob("*.xml"))))
+    samples = [(TF.resize(image, [imgsz, imgsz], antialias=True).float() / 255).unsqueeze(0).numpy() for image in calibration]
+    quantized, kept = quantize_openvino(model, samples, recipe, keep_fp=_decode_ops(model))
+    target.mkdir()
+    ov.save_model(quantized, str(target / "model.xml"), compress_to_fp16=False)
+    for extra in fp32.iterdir():
+        if extra.suffix not in (".xml", ".bin"):
+            shutil.copy2(extra, target / extra.name)
+    return Artefact(target, tuple(kept))
+
+
+def _decode_ops(model) -> list[str]:
+    """The detection head's decode (box distribution, anchors, sigmoids): kept in FP, as Ultralytics' INT8 keeps it."""
+    operations = model.get_ordered_ops()
+    sigmoids = [op.get_friendly_name() for op in operations if op.get_type_name() == "Sigmoid"]
+    if not sigmoids:  # a classifier: no decode
+        return []
+    head = sigmoids[-1].split("/", 1)[0]
+    return [name for op in operations
+            if op.get_type_name() == "Sigmoid" or (name := op.get_friendly_name()).startswith((f"{head}/", f"{head}.dfl"))]
+
+
+def _calibration_dataset(adapter: YoloAdapter, folder: Path, images: torch.Tensor) -> Path:
+    from PIL import Image
+
+    pictures = folder / "images" / "calib"
+    pictures.mkdir(parents=True)
+    for index, image in enumerate(images):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(pictures / f"synthetic-{index:05d}.png")
+    config = {"names": dict(adapter.model.names)} | ({"kpt_shape": list(adapter.model.kpt_shape)} if adapter.task == "pose" else {})
+    return pseudo_labelled(folder / "dataset", sorted(pictures.iterdir()), {}, config)
+
+
+class ExportedYolo(Exported, YoloAdapter):
+    """A YOLO model exported to an inference runtime (OpenVINO, ONNX): scored and timed through Ultralytics'
+    AutoBackend, never pruned or trained."""
+
+    def __init__(self, path: Path):
+        from ultralytics.nn.autobackend import AutoBackend
+
+        ultralytics()
+        try:
+            backend = AutoBackend(str(path), device=torch.device("cpu"), verbose=False)
+        except Exception as error:  # a broken or foreign export
+            raise DfbfError(f"Cannot load '{path}' as an exported YOLO model: {first_line(error)}") from error
+        imgsz = backend.imgsz[0] if isinstance(getattr(backend, "imgsz", None), (list, tuple)) else 640
+        super().__init__(backend, task=backend.task, name=path.name, input_spec=InputSpec(imgsz, stride=int(backend.stride)),
+                         source=path, train_args={"imgsz": imgsz})
+        from dfbf_cli.engine.export import read_record
+
+        self.record = read_record(path)  # None for an Ultralytics export dfbf did not make: its costs are then unknown
+
+    def _stock(self, folder: Path, role: str = "model"):
+        return ultralytics().YOLO(str(self.source), task=self.task)
