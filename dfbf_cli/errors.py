@@ -53,3 +53,10 @@ def exhausted(error: BaseException) -> ResourceExhausted | None:
             return ResourceExhausted("Out of memory: use a smaller --batch or --imgsz (or another --device), then run the same command again.")
         seen = seen.__cause__ or seen.__context__
     return None
+
+
+def refuse_unused(**given: tuple[bool, str]) -> None:
+    """One sentence for an option that the chosen mode would silently ignore: ``name=(given, why)``."""
+    for name, (was_given, why) in given.items():
+        if was_given:
+            raise DfbfError(f"--{name.replace('_', '-')} {why}")

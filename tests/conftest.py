@@ -25,7 +25,7 @@ def cifar_subset(per_class: int):
     """The first ``per_class`` images of each class of the CIFAR dev file (it is sorted by class)."""
     import numpy as np
 
-    from dfbf_cli.engine.data import LabelledImages
+    from dfbf_cli.data import LabelledImages
 
     source = shared_asset("data/cifar10-test-dev.npz")
     with np.load(source) as archive:

@@ -98,7 +98,7 @@ def test_yolo_checkpoint_round_trip_loads_in_stock_ultralytics_without_dfbf(tmp_
 def test_classifier_round_trip_keeps_a_shrunk_architecture(tmp_path, suffix):
     """A structurally smaller model (as pruning makes) saves and reloads from its state_dict shapes, as MODEL
     alone (the file names its architecture) or as the weights of that architecture."""
-    from dfbf_cli.engine.surgery import resize_to_state_dict
+    from dfbf_cli.surgery import resize_to_state_dict
 
     adapter = load_model("cifar-resnet20")
     state = adapter.model.state_dict()

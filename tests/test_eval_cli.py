@@ -159,7 +159,7 @@ def test_latency_is_timed_one_runtime_after_another(monkeypatch):
     """An exported model is never timed round-robin with a PyTorch one (PyTorch's spinning threads slow it)."""
     import torch
 
-    from dfbf_cli.adapters.classifier_export import ExportedClassifier
+    from dfbf_cli.adapters.classifier import ExportedClassifier
     from dfbf_cli.contract import Exported
     from dfbf_cli.engine import efficiency
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from dfbf_cli.adapters import load_model
-from dfbf_cli.adapters.classifier import classification_accuracy, classification_robustness
+from dfbf_cli.adapters.scoring import classification_accuracy, classification_robustness
 from dfbf_cli.engine.efficiency import count_params
 from dfbf_cli.engine.progressive import merge_channel, progressive_prune
 from dfbf_cli.engine.pruning import apply_pruning, prune

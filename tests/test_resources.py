@@ -63,7 +63,7 @@ def test_an_enormous_image_is_refused_in_one_sentence(run_cli, random_r20, tmp_p
 HOLD = """
 import sys, time
 from pathlib import Path
-from dfbf_cli.engine.files import exclusive
+from dfbf_cli.files import exclusive
 with exclusive(Path(sys.argv[1]), "--out"):
     print("held", flush=True)
     time.sleep(120)

@@ -58,13 +58,13 @@ def _load_export(path: Path, weights: str | None, weights_option: str) -> ModelA
         raise DfbfError(f"Model '{path}' does not exist.")
     if weights:
         raise DfbfError(f"{weights_option} does not apply to '{path}': an export holds its own weights.")
-    from dfbf_cli.engine.export import check_packages, read_record
+    from dfbf_cli.export_record import check_packages, read_record
     from dfbf_cli.settings import ExportFormat
 
     check_packages(ExportFormat.ONNX if path.suffix == ".onnx" else ExportFormat.OPENVINO)
     record = read_record(path)
     if record is not None and record["source"]["family"] == "classifier":
-        from dfbf_cli.adapters.classifier_export import ExportedClassifier
+        from dfbf_cli.adapters.classifier import ExportedClassifier
 
         return ExportedClassifier(path, record)
     from dfbf_cli.adapters.yolo_export import ExportedYolo
@@ -75,7 +75,7 @@ def _load_export(path: Path, weights: str | None, weights_option: str) -> ModelA
 def load_data(spec: str | Path) -> EvalData:
     """Open and check what --data points at: a family's own format (an Ultralytics dataset YAML), or an
     .npz, a class-per-folder tree or a folder of images."""
-    from dfbf_cli.engine.data import read_generic_data
+    from dfbf_cli.data import read_generic_data
 
     path = Path(spec).expanduser()
     if not path.exists():

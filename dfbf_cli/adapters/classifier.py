@@ -7,39 +7,39 @@ differs per architecture is only where the backbone ends (:data:`LAYOUTS`).
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+import numpy as np
 import torch
-import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from dfbf_cli.adapters.cifar_resnet import DEPTHS, CifarResNet
+from dfbf_cli.adapters.scoring import TOP1, Scorer, check_classes, classification_accuracy, classification_robustness, require_labelled, top1_agreement
 from dfbf_cli.contract import (
     IMAGENET,
     Artefact,
     BackboneSplit,
     ChannelGroup,
     EvalData,
+    Exported,
     ImageFolder,
-    LabelledImages,
+    InputSpec,
     Metric,
     ModelAdapter,
     channel_group,
 )
-from dfbf_cli.engine.files import atomic_path
-from dfbf_cli.engine.surgery import resize_to_state_dict
 from dfbf_cli.errors import DfbfError
+from dfbf_cli.files import atomic_path
 from dfbf_cli.settings import ExportFormat, Int8Recipe, Scope
+from dfbf_cli.surgery import resize_to_state_dict
 
 log = logging.getLogger("dfbf")
 
 ARCH_METADATA_KEY = "dfbf.arch"  # written into .safetensors so a saved model is self-describing
 ORIGIN_METADATA_KEY = "dfbf.original"  # the fingerprint of the model this one was pruned from
-TOP1 = Metric("top1", percent=True)
 WEIGHT_FILE_SUFFIXES = (".safetensors", ".pth", ".pt", ".th")
 
 
@@ -190,76 +190,6 @@ def load_classifier(arch: str, weights: str | None) -> ClassifierAdapter:
     return adapter
 
 
-Scorer = Callable[[torch.Tensor], torch.Tensor]
-
-
-def check_classes(data: LabelledImages, num_outputs: int) -> None:
-    """Labels the model can predict (class folders only when they are exactly its classes)."""
-    if data.num_classes > num_outputs:
-        raise DfbfError(f"{data.source} has {data.num_classes} classes but the model predicts {num_outputs}.")
-    if data.class_names and data.num_classes != num_outputs:
-        raise DfbfError(
-            f"{data.source} has {data.num_classes} class folders but the model predicts {num_outputs} classes; "
-            "folder order cannot be matched to the model's classes."
-        )
-
-
-@torch.inference_mode()
-def classification_accuracy(scores: Scorer, data: LabelledImages, *, imgsz: int, batch: int, num_outputs: int) -> dict[str, float]:
-    """Top-1 / top-5 accuracy (percent) of ``scores`` (images in [0, 1] -> class scores)."""
-    check_classes(data, num_outputs)
-    top1 = top5 = 0
-    k = min(5, num_outputs)
-    for images, labels in data.batches(imgsz, batch):
-        best = scores(images).topk(k, dim=1).indices.cpu()
-        top1 += (best[:, 0] == labels).sum().item()
-        top5 += (best == labels[:, None]).any(dim=1).sum().item()
-    return {"top1": 100.0 * top1 / len(data), "top5": 100.0 * top5 / len(data)}
-
-
-def require_labelled(data: EvalData, name: str) -> LabelledImages:
-    """Classifiers are scored on an .npz or a class-per-folder tree; anything else is a user mistake."""
-    if not isinstance(data, LabelledImages):
-        raise DfbfError(f"{name} is a classifier: score it on an .npz or a class-per-folder tree, not on {type(data).__name__} data.")
-    return data
-
-
-ROBUSTNESS_EPSILONS = (0.01, 0.05)  # FGSM step in [0, 1] pixel units
-NOISE_SIGMA = 0.05  # Gaussian noise standard deviation in [0, 1] pixel units
-
-
-def classification_robustness(
-    scores: Scorer, data: LabelledImages, *, imgsz: int, batch: int, epsilons: tuple[float, ...] = ROBUSTNESS_EPSILONS,
-    sigma: float = NOISE_SIGMA, seed: int = 0,
-) -> dict[str, float]:
-    """Top-1 (percent) under FGSM on the cross-entropy (one step of size ε per pixel) and under noise."""
-    generator = torch.Generator().manual_seed(seed)
-    correct = {f"top1_fgsm_{eps:g}": 0 for eps in epsilons} | {f"top1_noise_{sigma:g}": 0}
-    for images, labels in data.batches(imgsz, batch):
-        images.requires_grad_(True)
-        logits = scores(images)
-        (gradient,) = torch.autograd.grad(F.cross_entropy(logits, labels.to(logits.device)), images)
-        with torch.no_grad():
-            for eps in epsilons:
-                attacked = (images + eps * gradient.sign()).clamp(0, 1)
-                correct[f"top1_fgsm_{eps:g}"] += (scores(attacked).argmax(1).cpu() == labels).sum().item()
-            noisy = (images + sigma * torch.randn(images.shape, generator=generator)).clamp(0, 1)
-            correct[f"top1_noise_{sigma:g}"] += (scores(noisy).argmax(1).cpu() == labels).sum().item()
-    return {name: 100.0 * count / len(data) for name, count in correct.items()}
-
-
-@torch.inference_mode()
-def top1_agreement(student: Scorer, teacher: Scorer, images: ImageFolder, *, imgsz: int, batch: int) -> dict[str, float]:
-    """Percentage of images on which student and teacher pick the same class, and the mean KL divergence of
-    the student's class distribution from the teacher's (finer than top-1 on a few images)."""
-    same = divergence = 0.0
-    for x in images.batches(imgsz, batch):
-        ours, theirs = student(x).float().log_softmax(1), teacher(x).float().log_softmax(1)
-        same += (ours.argmax(1) == theirs.argmax(1)).sum().item()
-        divergence += F.kl_div(ours, theirs, log_target=True, reduction="sum").item()
-    return {"agreement_top1": 100.0 * same / len(images), "agreement_kl": divergence / len(images)}
-
-
 class ClassifierAdapter(ModelAdapter):
     """torchvision and CIFAR classifiers: the backbone ends at global pooling, so backbone and trunk are one."""
 
@@ -349,8 +279,7 @@ class ClassifierAdapter(ModelAdapter):
         return export_classifier(self, folder, fmt, imgsz=imgsz, calibration=calibration, recipe=recipe)
 
     def load_export(self, path: Path) -> ClassifierAdapter:
-        from dfbf_cli.adapters.classifier_export import ExportedClassifier
-        from dfbf_cli.engine.export import read_record
+        from dfbf_cli.export_record import read_record
 
         return ExportedClassifier(path, read_record(path))
 
@@ -380,3 +309,41 @@ class ClassifierAdapter(ModelAdapter):
 
     def robustness(self, data: EvalData, *, imgsz: int, batch: int, device: torch.device) -> dict[str, float]:
         return classification_robustness(self.scorer(device), require_labelled(data, self.name), imgsz=imgsz, batch=batch)
+
+
+class RuntimeModel(nn.Module):
+    """An exported classifier behind the ``nn.Module`` call the engine times and scores: normalised N×3×H×W in, logits out."""
+
+    def __init__(self, path: Path):
+        super().__init__()
+        if path.is_dir():
+            import openvino as ov
+
+            compiled = ov.Core().compile_model(str(path / "model.xml"), "CPU", {"PERFORMANCE_HINT": "LATENCY"})
+            self.run = lambda x: compiled(x)[0]
+        else:
+            import onnxruntime
+
+            options = onnxruntime.SessionOptions()  # idle threads sleep: spinning ones slow whatever runs next (a PyTorch model timed beside it)
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+            self.run = lambda x: session.run(None, {"images": x})[0]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.run(x.detach().cpu().float().numpy())))
+
+
+class ExportedClassifier(Exported, ClassifierAdapter):
+    """A classifier dfbf exported (its record says what it was): scored and timed in its runtime."""
+
+    def __init__(self, path: Path, record: dict):
+        spec = record["input_spec"]
+        super().__init__(RuntimeModel(path), task="classify", name=path.name, source=path, suffix=path.suffix,
+                         input_spec=InputSpec(record["imgsz"], tuple(spec["mean"]), tuple(spec["std"])))
+        self.record, self.outputs = record, record["classes"]
+
+    def num_outputs(self) -> int:
+        return self.outputs
+
+    def robustness(self, data: EvalData, *, imgsz: int, batch: int, device: torch.device) -> dict[str, float]:
+        raise DfbfError(f"--robustness needs gradients, which the exported {self.name} does not give; evaluate the PyTorch model.")

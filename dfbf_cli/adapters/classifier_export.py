@@ -1,20 +1,21 @@
 """Classifiers in an inference runtime: OpenVINO (INT8 by NNCF's post-training quantization) or ONNX
 (INT8 by ONNX Runtime's static quantization), each the runtime's own recommended path, calibrated on
-the synthetic images; and the adapter that scores such an export (``dfbf eval`` on the folder or file)."""
+the synthetic images. What reads such an export back lives beside the adapter (``ExportedClassifier``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
-from torch import nn
 
-from dfbf_cli.adapters.classifier import ClassifierAdapter
-from dfbf_cli.contract import Artefact, EvalData, Exported, InputSpec
-from dfbf_cli.errors import DfbfError
+from dfbf_cli.contract import Artefact
 from dfbf_cli.images import fit_to_square
 from dfbf_cli.settings import ExportFormat, Int8Recipe
+
+if TYPE_CHECKING:
+    from dfbf_cli.adapters.classifier import ClassifierAdapter
 
 
 def _inputs(adapter: ClassifierAdapter, images: torch.Tensor, imgsz: int) -> np.ndarray:
@@ -59,41 +60,3 @@ def export_classifier(adapter: ClassifierAdapter, folder: Path, fmt: ExportForma
         quantize_static(str(prepared), str(target), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
     return Artefact(target)
-
-
-class RuntimeModel(nn.Module):
-    """An exported classifier behind the ``nn.Module`` call the engine times and scores: normalised N×3×H×W in, logits out."""
-
-    def __init__(self, path: Path):
-        super().__init__()
-        if path.is_dir():
-            import openvino as ov
-
-            compiled = ov.Core().compile_model(str(path / "model.xml"), "CPU", {"PERFORMANCE_HINT": "LATENCY"})
-            self.run = lambda x: compiled(x)[0]
-        else:
-            import onnxruntime
-
-            options = onnxruntime.SessionOptions()  # idle threads sleep: spinning ones slow whatever runs next (a PyTorch model timed beside it)
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
-            session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-            self.run = lambda x: session.run(None, {"images": x})[0]
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.from_numpy(np.asarray(self.run(x.detach().cpu().float().numpy())))
-
-
-class ExportedClassifier(Exported, ClassifierAdapter):
-    """A classifier dfbf exported (its record says what it was): scored and timed in its runtime."""
-
-    def __init__(self, path: Path, record: dict):
-        spec = record["input_spec"]
-        super().__init__(RuntimeModel(path), task="classify", name=path.name, source=path, suffix=path.suffix,
-                         input_spec=InputSpec(record["imgsz"], tuple(spec["mean"]), tuple(spec["std"])))
-        self.record, self.outputs = record, record["classes"]
-
-    def num_outputs(self) -> int:
-        return self.outputs
-
-    def robustness(self, data: EvalData, *, imgsz: int, batch: int, device: torch.device) -> dict[str, float]:
-        raise DfbfError(f"--robustness needs gradients, which the exported {self.name} does not give; evaluate the PyTorch model.")

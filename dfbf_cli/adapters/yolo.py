@@ -15,12 +15,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import os
-import sys
-import zipfile
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
-from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -28,7 +22,7 @@ import torch
 from torch import nn
 
 from dfbf_cli import __version__
-from dfbf_cli.adapters.classifier import (
+from dfbf_cli.adapters.scoring import (
     NOISE_SIGMA,
     TOP1,
     Scorer,
@@ -38,264 +32,40 @@ from dfbf_cli.adapters.classifier import (
     top1_agreement,
 )
 from dfbf_cli.adapters.yolo_data import YoloDataset, noisy_copy, pseudo_labelled
+from dfbf_cli.adapters.yolo_graph import (
+    YoloBackbone,
+    YoloHead,
+    hidden_groups,
+    input_convs,
+    layer_sources,
+    output_conv,
+    output_widths,
+)
+from dfbf_cli.adapters.yolo_tasks import SUPPORTED_TASKS, TASKS, YoloTask
+from dfbf_cli.adapters.yolo_ultralytics import OPENVINO_SUFFIX, first_line, keeping_torch_threads, read_checkpoint, task_of, ultralytics
 from dfbf_cli.contract import (
     Artefact,
     BackboneSplit,
     ChannelGroup,
     ChannelSlice,
     EvalData,
+    Exported,
     ImageFolder,
     InputSpec,
     Metric,
     ModelAdapter,
     channel_group,
 )
-from dfbf_cli.engine.files import atomic_path, temporary_folder
 from dfbf_cli.errors import DfbfError
+from dfbf_cli.export_record import read_record
+from dfbf_cli.files import atomic_path, temporary_folder
 from dfbf_cli.settings import ExportFormat, Int8Recipe, Scope
 
 log = logging.getLogger("dfbf")
 
-TRUST_VARIABLE = "DFBF_TRUST_CHECKPOINTS"  # =1: unpickle YOLO checkpoints without restriction (they can run code)
-KEYPOINT_VISIBLE = 0.5  # teacher keypoint confidence above which a pseudo-label marks it visible
-
-
-class _CurrentStderr(logging.StreamHandler):
-    """A handler writing to whatever ``sys.stderr`` is when it writes (commands and tests swap it)."""
-
-    @property
-    def stream(self):
-        return sys.stderr
-
-    @stream.setter
-    def stream(self, _value) -> None:
-        pass
-
-
-def ultralytics():
-    """Ultralytics, imported with its run-time pip installs switched off (dfbf names what to install
-    instead) and its log on stderr, as verbose as dfbf's own."""
-    os.environ["YOLO_AUTOINSTALL"] = "false"
-    import ultralytics as package
-    from ultralytics.utils import LOGGER, checks
-
-    checks.AUTOINSTALL = False
-    for index, handler in enumerate(LOGGER.handlers):
-        if type(handler) is logging.StreamHandler:
-            replacement = _CurrentStderr()
-            replacement.setFormatter(handler.formatter)
-            replacement.setLevel(handler.level)
-            LOGGER.handlers[index] = replacement
-    LOGGER.setLevel(logging.getLogger("dfbf").getEffectiveLevel())
-    return package
-
-
-@contextmanager
-def keeping_torch_threads() -> Iterator[None]:
-    """Ultralytics' device selection sets torch's CPU threads to its own count (cores − 1, at most 8) for
-    the rest of the process: on 2 cores, 1 thread. dfbf puts the caller's back, so that fine-tuning and
-    timing after an evaluation are not slowed."""
-    threads = torch.get_num_threads()
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
-
-
-# -- tasks --------------------------------------------------------------------------------------------
-
-
-def _box(result, k: int) -> list[float]:
-    return result.boxes.xywhn[k].tolist()
-
-
-def _pose(result, k: int) -> list[float]:
-    fields = _box(result, k)
-    for (x, y), c in zip(result.keypoints.xyn[k].tolist(), result.keypoints.conf[k].tolist()):
-        fields += [x, y, 2] if c > KEYPOINT_VISIBLE else [0, 0, 0]
-    return fields
-
-
-def _polygon(result, k: int) -> list[float]:
-    return [v for point in result.masks.xyn[k].tolist() for v in point]
-
-
-def _corners(result, k: int) -> list[float]:
-    return [v for point in result.obb.xyxyxyxyn[k].tolist() for v in point]
-
-
-@dataclass(frozen=True)
-class YoloTask:
-    """What one Ultralytics task changes: its metrics (primary first), its label lines, its checks."""
-
-    name: str
-    metrics: tuple[tuple[str, str], ...]  # (dfbf's name, Ultralytics' results key)
-    label_fields: Callable[[object, int], list[float]]  # a teacher's prediction k as label fields after the class
-    fields_ok: Callable[[int, list[int]], bool]  # does a label line with this many values fit (kpt_shape given)
-    fields_wanted: str
-
-    @property
-    def primary(self) -> Metric:
-        return Metric(self.metrics[0][0])
-
-
-BOX = (("box_map50_95", "metrics/mAP50-95(B)"), ("box_map50", "metrics/mAP50(B)"))
-TASKS = {
-    "detect": YoloTask("detect", BOX, _box, lambda n, _: n == 5, "4 box values"),
-    "pose": YoloTask("pose", (("pose_map50_95", "metrics/mAP50-95(P)"), ("pose_map50", "metrics/mAP50(P)"), *BOX), _pose,
-                     lambda n, kpt: n == 5 + kpt[0] * kpt[1], "4 box values and the keypoints of kpt_shape"),
-    "segment": YoloTask("segment", (("mask_map50_95", "metrics/mAP50-95(M)"), ("mask_map50", "metrics/mAP50(M)"), *BOX), _polygon,
-                        lambda n, _: n == 5 or (n >= 7 and n % 2 == 1), "a polygon (x y pairs) or 4 box values"),
-    "obb": YoloTask("obb", BOX, _corners, lambda n, _: n == 9, "4 corner points (8 values)"),
-}
-SUPPORTED_TASKS = (*TASKS, "classify")
-
-
-# -- the graph ------------------------------------------------------------------------------------------
-
-
-def _sources(layer: nn.Module) -> list[int]:
-    """Absolute indices of the layers whose outputs ``layer`` reads."""
-    froms = layer.f if isinstance(layer.f, list) else [layer.f]
-    return [layer.i + f if f < 0 else f for f in froms]
-
-
-def _run_layers(layers: list[nn.Module], saved: dict[int, torch.Tensor]) -> torch.Tensor:
-    """Ultralytics' forward loop over a slice of layers; ``saved`` maps layer index to output (-1: input)."""
-    for layer in layers:
-        sources = _sources(layer)
-        x = layer(saved[sources[0]] if isinstance(layer.f, int) else [saved[j] for j in sources])
-        saved[layer.i] = x
-    return x
-
-
-class YoloBackbone(nn.Module):
-    def __init__(self, layers: list[nn.Module], outputs: tuple[int, ...]):
-        super().__init__()
-        self.layers, self.outputs = nn.ModuleList(layers), outputs
-
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        saved = {-1: x}
-        _run_layers(list(self.layers), saved)
-        return tuple(saved[i] for i in self.outputs)
-
-
-class YoloHead(nn.Module):
-    def __init__(self, layers: list[nn.Module], inputs: tuple[int, ...]):
-        super().__init__()
-        self.layers, self.inputs = nn.ModuleList(layers), inputs
-
-    def forward(self, features: tuple[torch.Tensor, ...]):
-        return _run_layers(list(self.layers), dict(zip(self.inputs, features)))
-
-
-def _plain_conv(module: nn.Module) -> bool:
-    """An Ultralytics ``Conv`` (conv + BN + activation) whose channels can be cut independently."""
-    from ultralytics.nn.modules import Conv
-
-    return type(module) is Conv and module.conv.groups == 1
-
-
-def _output_conv(layer: nn.Module) -> str | None:
-    """Relative name of the Conv that produces a layer's output ('' for a Conv layer), if cuttable."""
-    from ultralytics.nn.modules import C2PSA, C3, SPPF, C2f
-
-    if _plain_conv(layer):
-        return ""
-    for kind, name in ((C2f, "cv2"), (C3, "cv3"), (SPPF, "cv2"), (C2PSA, "cv2")):
-        if isinstance(layer, kind) and not getattr(layer, "add", False) and _plain_conv(getattr(layer, name)):
-            return name
-    return None
-
-
-def _input_convs(layer: nn.Module) -> list[str]:
-    """Names (relative, ending in ``.conv``) of the convs that read a layer's input; [] if not cuttable."""
-    from ultralytics.nn.modules import C2PSA, C3, SPPF, C2f
-
-    if _plain_conv(layer):
-        return ["conv"]
-    if isinstance(layer, C3) and _plain_conv(layer.cv1) and _plain_conv(layer.cv2):
-        return ["cv1.conv", "cv2.conv"]
-    if isinstance(layer, (C2f, C2PSA)) or (isinstance(layer, SPPF) and not getattr(layer, "add", False)):
-        return ["cv1.conv"] if _plain_conv(layer.cv1) else []
-    return []
-
-
-def _hidden_groups(prefix: str, layer: nn.Module) -> list[ChannelGroup]:
-    """Channels that live and die inside a block: Bottleneck and PSA feed-forward hidden widths,
-    C3's second branch (read by cv3 after the first branch's channels), SPPF's pooled copies."""
-    from ultralytics.nn.modules.block import C3, SPPF, Bottleneck, PSABlock
-
-    groups = []
-    for rel, module in layer.named_modules():
-        name = f"{prefix}.{rel}" if rel else prefix
-        pair = None
-        if isinstance(module, Bottleneck):
-            pair = (module.cv1, f"{name}.cv1", [f"{name}.cv2.conv"], module.cv2)
-        elif isinstance(module, PSABlock) and len(module.ffn) == 2:
-            pair = (module.ffn[0], f"{name}.ffn.0", [f"{name}.ffn.1.conv"], module.ffn[1])
-        elif isinstance(module, C3) and _plain_conv(module.cv3):
-            hidden = module.cv1.conv.out_channels
-            pair = (module.cv2, f"{name}.cv2", [ChannelSlice(f"{name}.cv3.conv", hidden)], module.cv3)
-        elif isinstance(module, SPPF) and _plain_conv(module.cv2):
-            width, copies = module.cv1.conv.out_channels, getattr(module, "n", 3) + 1
-            pair = (module.cv1, f"{name}.cv1", [ChannelSlice(f"{name}.cv2.conv", k * width) for k in range(copies)], module.cv2)
-        if pair and _plain_conv(pair[0]) and _plain_conv(pair[3]):
-            producer, produced, consumers, _ = pair
-            groups.append(channel_group(produced, prefix, producer.conv.out_channels, [f"{produced}.conv", f"{produced}.bn"], consumers))
-    return groups
-
-
-@torch.no_grad()
-def _output_widths(layers: list[nn.Module]) -> dict[int, int]:
-    """Channels of every layer's output before the task module, from one small forward pass."""
-    saved = {-1: torch.zeros(1, 3, 64, 64, device=next(layers[0].parameters()).device)}
-    _run_layers(layers[:-1], saved)
-    return {i: x.shape[1] for i, x in saved.items()}
 
 
 # -- loading ------------------------------------------------------------------------------------------
-
-
-def _checkpoint(spec: str, path: Path) -> dict:
-    """A checkpoint file (downloaded by name where online), unpickled with Ultralytics' restricted loader."""
-    ultralytics()
-    from ultralytics.nn.tasks import torch_safe_load
-
-    trusted = os.environ.get(TRUST_VARIABLE) == "1"
-    if path.is_file() and not zipfile.is_zipfile(path):
-        raise DfbfError(f"Cannot load '{spec}' as an Ultralytics YOLO model: it is not a PyTorch checkpoint archive (empty, truncated or another "
-            f"kind of file).")
-    try:
-        checkpoint, _ = torch_safe_load(str(path) if path.exists() else spec, safe_only=not trusted)
-    except TypeError as error:
-        if "outside the supported" in str(error):
-            raise DfbfError(f"'{spec}' holds objects outside Ultralytics' checkpoint format, and unpickling them could run code, so dfbf "
-                            f"refuses it; if you trust the file, run again with {TRUST_VARIABLE}=1.") from error
-        raise DfbfError(f"Cannot load '{spec}' as an Ultralytics YOLO model: {first_line(error)}") from error
-    except (FileNotFoundError, ConnectionError) as error:
-        raise DfbfError(f"Model '{spec}' is not a local file and could not be downloaded ({first_line(error)}); "
-                        "download it where you are online, or pass the path of a local checkpoint.") from error
-    except Exception as error:  # a corrupt or foreign file: the loader raises many types
-        raise DfbfError(f"Cannot load '{spec}' as an Ultralytics YOLO model: {first_line(error)}") from error
-    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("ema") or checkpoint.get("model"), nn.Module):
-        raise DfbfError(f"'{spec}' is not an Ultralytics checkpoint (no model in it).")
-    return checkpoint
-
-
-def _task_of(model: nn.Module) -> str:
-    """The task, from the task module itself (a checkpoint's recorded task can be stale)."""
-    from ultralytics.nn.modules import OBB, Classify, Detect, Pose, Segment
-
-    head = model.model[-1]
-    for kind, task in ((Pose, "pose"), (Segment, "segment"), (OBB, "obb"), (Classify, "classify"), (Detect, "detect")):
-        if isinstance(head, kind):
-            return task
-    return type(head).__name__
-
-
-def first_line(error: Exception) -> str:
-    return str(error).replace("ERROR ❌️", "").replace("❌", "").strip().splitlines()[0]
 
 
 def load_yolo(spec: str) -> YoloAdapter:
@@ -308,12 +78,12 @@ def load_yolo(spec: str) -> YoloAdapter:
             raise DfbfError(f"Cannot build a YOLO model from '{spec}' (a local YAML or one of Ultralytics' built-in YAMLs): "
                             f"{first_line(error)}") from error
         log.warning("%s is a model YAML: randomly initialised (useful only for structural checks).", spec)
-        task, train_args, source = _task_of(model), {}, None
+        task, train_args, source = task_of(model), {}, None
     else:
-        checkpoint = _checkpoint(spec, path)
+        checkpoint = read_checkpoint(spec, path)
         model = (checkpoint.get("ema") or checkpoint["model"]).float()
         train_args = dict(checkpoint.get("train_args") or {})
-        task = _task_of(model)
+        task = task_of(model)
         source = path if path.exists() else None
     if task not in SUPPORTED_TASKS:
         raise DfbfError(f"'{spec}' is a YOLO {task} model; dfbf supports {', '.join(SUPPORTED_TASKS)}.")
@@ -326,9 +96,6 @@ def load_yolo(spec: str) -> YoloAdapter:
 
 
 # -- the adapter --------------------------------------------------------------------------------------
-
-
-OPENVINO_SUFFIX = "_openvino_model"  # how ultralytics.YOLO(path) tells an OpenVINO folder
 
 
 class YoloAdapter(ModelAdapter):
@@ -354,7 +121,7 @@ class YoloAdapter(ModelAdapter):
 
     def split(self, scope: Scope = Scope.BACKBONE) -> BackboneSplit:
         layers, n = list(self.model.model), self._scope_end(scope)
-        head_inputs = sorted({j for layer in layers[n:] for j in _sources(layer) if j < n} | {n - 1})
+        head_inputs = sorted({j for layer in layers[n:] for j in layer_sources(layer) if j < n} | {n - 1})
         return BackboneSplit(
             backbone=YoloBackbone(layers[:n], tuple(head_inputs)),
             head=YoloHead(layers[n:], tuple(head_inputs)),
@@ -367,10 +134,10 @@ class YoloAdapter(ModelAdapter):
         take fewer input channels (followed through Upsample and Concat, at the concatenation's offset);
         never a tensor that the untouched part reads."""
         layers, n = list(self.model.model), self._scope_end(scope)
-        widths = _output_widths(layers)
+        widths = output_widths(layers)
         readers: dict[int, list[int]] = {}
         for layer in layers:
-            for source in _sources(layer):
+            for source in layer_sources(layer):
                 readers.setdefault(source, []).append(layer.i)
 
         def consumers(i: int, offset: int) -> list[ChannelSlice] | None:
@@ -382,10 +149,10 @@ class YoloAdapter(ModelAdapter):
                 if isinstance(layer, nn.Upsample):
                     more = consumers(j, offset)
                 elif type(layer).__name__ == "Concat":
-                    sources = _sources(layer)
+                    sources = layer_sources(layer)
                     more = consumers(j, offset + sum(widths[s] for s in sources[: sources.index(i)]))
                 else:
-                    more = [ChannelSlice(f"model.{j}.{c}", offset) for c in _input_convs(layer)] or None
+                    more = [ChannelSlice(f"model.{j}.{c}", offset) for c in input_convs(layer)] or None
                 if more is None:
                     return None
                 found += more
@@ -393,8 +160,8 @@ class YoloAdapter(ModelAdapter):
 
         groups = []
         for i in range(n):
-            groups += _hidden_groups(f"model.{i}", layers[i])
-            produced = _output_conv(layers[i])
+            groups += hidden_groups(f"model.{i}", layers[i])
+            produced = output_conv(layers[i])
             reading = consumers(i, 0) if produced is not None else None
             if reading:
                 name = f"model.{i}" + (f".{produced}" if produced else "")
@@ -438,8 +205,6 @@ class YoloAdapter(ModelAdapter):
             raise DfbfError(f"--out {path}: Ultralytics recognises an OpenVINO folder by its name's ending; call it {path.name}{OPENVINO_SUFFIX}.")
 
     def load_export(self, path: Path) -> YoloAdapter:
-        from dfbf_cli.adapters.yolo_export import ExportedYolo
-
         return ExportedYolo(path)
 
     def _stock(self, folder: Path, role: str = "model"):
@@ -517,3 +282,24 @@ class YoloAdapter(ModelAdapter):
             data_yaml = pseudo_labelled(Path(tmp), list(images.files), labels, config)
             metrics = self._validate(Path(tmp), data_yaml, imgsz=imgsz, batch=batch, device=device)
         return {f"agreement_{k}": v for k, v in metrics.items()}
+
+
+class ExportedYolo(Exported, YoloAdapter):
+    """A YOLO model exported to an inference runtime (OpenVINO, ONNX): scored and timed through Ultralytics'
+    AutoBackend, never pruned or trained."""
+
+    def __init__(self, path: Path):
+        from ultralytics.nn.autobackend import AutoBackend
+
+        ultralytics()
+        try:
+            backend = AutoBackend(str(path), device=torch.device("cpu"), verbose=False)
+        except Exception as error:  # a broken or foreign export
+            raise DfbfError(f"Cannot load '{path}' as an exported YOLO model: {first_line(error)}") from error
+        imgsz = backend.imgsz[0] if isinstance(getattr(backend, "imgsz", None), (list, tuple)) else 640
+        super().__init__(backend, task=backend.task, name=path.name, input_spec=InputSpec(imgsz, stride=int(backend.stride)),
+                         source=path, train_args={"imgsz": imgsz})
+        self.record = read_record(path)  # None for an Ultralytics export dfbf did not make: its costs are then unknown
+
+    def _stock(self, folder: Path, role: str = "model"):
+        return ultralytics().YOLO(str(self.source), task=self.task)

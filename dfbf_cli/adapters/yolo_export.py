@@ -1,23 +1,26 @@
 """YOLO models in an inference runtime: written by Ultralytics' own exporter, so ``YOLO(path)`` predicts and
-validates with the result without dfbf, and read back through Ultralytics' AutoBackend to be scored.
+validates with the result without dfbf.
 
 OpenVINO INT8 quantises the exporter's FP32 model with NNCF itself (``dfbf_cli.int8``) rather than through
 the exporter, so that the engine can compare recipes; the detection head's decode stays in floating point
-as in Ultralytics' own INT8. ONNX INT8 is the exporter's.
+as in Ultralytics' own INT8. ONNX INT8 is the exporter's. ``ExportedYolo`` (beside the adapter) reads it back.
 """
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from dfbf_cli.adapters.yolo import OPENVINO_SUFFIX, YoloAdapter, first_line, keeping_torch_threads, ultralytics
 from dfbf_cli.adapters.yolo_data import pseudo_labelled
-from dfbf_cli.contract import Artefact, Exported, InputSpec
-from dfbf_cli.errors import DfbfError
+from dfbf_cli.adapters.yolo_ultralytics import OPENVINO_SUFFIX, keeping_torch_threads
+from dfbf_cli.contract import Artefact
 from dfbf_cli.settings import ExportFormat, Int8Recipe
+
+if TYPE_CHECKING:
+    from dfbf_cli.adapters.yolo import YoloAdapter
 
 
 def export_yolo(adapter: YoloAdapter, folder: Path, fmt: ExportFormat, *, imgsz: int, calibration: torch.Tensor | None,
@@ -70,26 +73,3 @@ def _calibration_dataset(adapter: YoloAdapter, folder: Path, images: torch.Tenso
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(pictures / f"synthetic-{index:05d}.png")
     config = {"names": dict(adapter.model.names)} | ({"kpt_shape": list(adapter.model.kpt_shape)} if adapter.task == "pose" else {})
     return pseudo_labelled(folder / "dataset", sorted(pictures.iterdir()), {}, config)
-
-
-class ExportedYolo(Exported, YoloAdapter):
-    """A YOLO model exported to an inference runtime (OpenVINO, ONNX): scored and timed through Ultralytics'
-    AutoBackend, never pruned or trained."""
-
-    def __init__(self, path: Path):
-        from ultralytics.nn.autobackend import AutoBackend
-
-        ultralytics()
-        try:
-            backend = AutoBackend(str(path), device=torch.device("cpu"), verbose=False)
-        except Exception as error:  # a broken or foreign export
-            raise DfbfError(f"Cannot load '{path}' as an exported YOLO model: {first_line(error)}") from error
-        imgsz = backend.imgsz[0] if isinstance(getattr(backend, "imgsz", None), (list, tuple)) else 640
-        super().__init__(backend, task=backend.task, name=path.name, input_spec=InputSpec(imgsz, stride=int(backend.stride)),
-                         source=path, train_args={"imgsz": imgsz})
-        from dfbf_cli.engine.export import read_record
-
-        self.record = read_record(path)  # None for an Ultralytics export dfbf did not make: its costs are then unknown
-
-    def _stock(self, folder: Path, role: str = "model"):
-        return ultralytics().YOLO(str(self.source), task=self.task)

@@ -13,7 +13,6 @@ import logging
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
@@ -22,7 +21,6 @@ from rich.logging import RichHandler
 
 from dfbf_cli import __version__
 from dfbf_cli.engine.progress import ProgressEvent
-from dfbf_cli.errors import DfbfError
 from dfbf_cli.settings import MAX_SEED, Allocation, Criterion, Precision, PresetName, Schedule, Scope, Strategy
 
 if TYPE_CHECKING:
@@ -96,7 +94,7 @@ class Session:
     def emit(self, result: dict) -> None:
         """Write the machine-readable result (with --json) to the real stdout, as strict JSON."""
         if self.json_mode:
-            from dfbf_cli.engine.files import strict_json
+            from dfbf_cli.files import strict_json
 
             self._stdout.write(strict_json({"dfbf_version": __version__, **result}) + "\n")
             self._stdout.flush()
@@ -126,19 +124,3 @@ def session(*, device: str, seed: int, quiet: bool, json_mode: bool) -> Iterator
     ctx = Session(resolve_device(device), quiet, json_mode and speaker, results, _stdout=real_stdout)
     with process_group(ctx.device), contextlib.redirect_stdout(sys.stderr):
         yield ctx
-
-
-def refuse_unused(**given: tuple[bool, str]) -> None:
-    """One sentence for an option that the chosen mode would silently ignore: ``name=(given, why)``."""
-    for name, (was_given, why) in given.items():
-        if was_given:
-            raise DfbfError(f"--{name.replace('_', '-')} {why}")
-
-
-def input_paths(**paths: str | Path | None) -> dict[str, Path | None]:
-    """The command's inputs that are files or folders (for the output-path policy), by option name."""
-    found = {}
-    for name, value in paths.items():
-        if value is not None and Path(value).expanduser().exists():
-            found["MODEL" if name == "model" else "--" + name.replace("_", "-")] = Path(value)
-    return found

@@ -23,7 +23,6 @@ from dfbf_cli.cli.common import (
     SeedOption,
     StrategyOption,
     WeightsOption,
-    input_paths,
     session,
 )
 from dfbf_cli.settings import DEFAULT_PRESET, DEFAULT_SCOPE, Allocation, Criterion, ExportFormat, Precision, Schedule, Strategy
@@ -86,33 +85,18 @@ def compress_command(
       dfbf compress cifar-resnet56 --weights r56.th --ratio 0.5 --data test.npz --max-drop 1.5
     """
     with session(device=device, seed=seed, quiet=quiet, json_mode=json_output) as ctx:
-        from dfbf_cli.adapters import load_data, load_model
+        from dfbf_cli.api import compress
         from dfbf_cli.cli.tables import report_table
-        from dfbf_cli.engine.compress import compress, plan_compress
-        from dfbf_cli.engine.evaluate import watched_metric
-        from dfbf_cli.engine.runtime import resolve_precision
         from dfbf_cli.errors import QualityGateFailed
-        from dfbf_cli.settings import FinetuneSettings, PruneSettings, ReconstructSettings, require_fraction
 
-        if ratio is not None:
-            require_fraction("--ratio", ratio)
-        prune_settings = PruneSettings(ratio, flops, scope, allocation, criterion, schedule)
-        prune_settings.validate()
-        eval_data = load_data(data) if data else None
-        original = load_model(model, weights)
-        plan = plan_compress(
-            original, model_spec=model, prune_settings=prune_settings, strategy=strategy, rounds=rounds,
-            reconstruct_settings=ReconstructSettings() if reconstruct else None, preset=preset,
-            finetune_settings=FinetuneSettings(precision=resolve_precision(precision, ctx.device)), epochs=epochs,
-            num_images=num_images, export=export, int8=int8,
-            imgsz=imgsz, synthetic=synthetic, allow_teacher_mismatch=allow_teacher_mismatch, eval_data=eval_data, max_drop=max_drop,
-            out=out, seed=seed, device=ctx.device, inputs=input_paths(model=model, weights=weights, synthetic=synthetic, data=data),
-        )
         with ctx.progress() as show:
-            result = compress(plan, on_progress=show)
+            run = compress(model, ratio=ratio, flops=flops, weights=weights, data=data, out=out, scope=scope, allocation=allocation, rounds=rounds,
+                           reconstruct=reconstruct, synthetic=synthetic, preset=preset, max_drop=max_drop, criterion=criterion, schedule=schedule,
+                           strategy=strategy, num_images=num_images, epochs=epochs, imgsz=imgsz, export=export, int8=int8,
+                           allow_teacher_mismatch=allow_teacher_mismatch, device=ctx.device, precision=precision, seed=seed, on_progress=show)
+        result = run.result
         target = f"ratio {ratio}" if ratio is not None else f"GFLOPs kept {flops}"
-        ctx.results.print(report_table(result.reports, f"dfbf compress · {model} · {target} · scope {scope}",
-                                       watched_metric(original, eval_data) if eval_data is not None else None))
+        ctx.results.print(report_table(result.reports, f"dfbf compress · {model} · {target} · scope {scope}", result.watched))
         if result.verdict is not None:
             ctx.results.print(result.verdict.sentence(), highlight=False, soft_wrap=True, markup=False)
         ctx.say(f"Run directory: {result.run.root} (compressed model: {result.run.compressed})")

@@ -11,13 +11,11 @@ from dfbf_cli.cli.common import (
     DeviceOption,
     JsonOption,
     QuietOption,
-    SeedOption,
     TeacherWeightsOption,
     WeightsOption,
-    refuse_unused,
     session,
 )
-from dfbf_cli.errors import DfbfError
+from dfbf_cli.errors import DfbfError, refuse_unused
 from dfbf_cli.settings import EVAL_BATCH
 
 
@@ -36,7 +34,6 @@ def eval_command(
     baseline: Annotated[bool, typer.Option("--baseline/--no-baseline", help="With labelled data and a model that runs at any input size (YOLO): "
         "also score the first model at the input size where it costs what each later, cheaper one costs (the free alternative).")] = True,
     device: DeviceOption = "auto",
-    seed: SeedOption = 0,
     quiet: QuietOption = False,
     json_output: JsonOption = False,
 ) -> None:
@@ -50,7 +47,7 @@ def eval_command(
 
       dfbf eval small.pt --teacher big.pt --data photos/
     """
-    with session(device=device, seed=seed, quiet=quiet, json_mode=json_output) as ctx:
+    with session(device=device, seed=0, quiet=quiet, json_mode=json_output) as ctx:  # nothing random: the noise of --robustness is fixed
         from dfbf_cli.adapters import load_data, load_model
         from dfbf_cli.cli.tables import report_table
         from dfbf_cli.contract import ImageFolder

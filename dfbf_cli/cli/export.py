@@ -7,9 +7,8 @@ from typing import Annotated
 
 import typer
 
-from dfbf_cli.cli.common import MODEL_HELP, JsonOption, QuietOption, WeightsOption, input_paths, session
-from dfbf_cli.errors import DfbfError
-from dfbf_cli.settings import CALIBRATION_SET_IMAGES, EXPORT_EXTRA, MAX_SEED, ExportFormat, Int8Recipe
+from dfbf_cli.cli.common import MODEL_HELP, JsonOption, QuietOption, WeightsOption, session
+from dfbf_cli.settings import EXPORT_EXTRA, MAX_SEED, ExportFormat, Int8Recipe
 
 FormatOption = Annotated[ExportFormat, typer.Option("--format", help="openvino (a folder) or onnx (a file).", show_default=False)]
 Int8Option = Annotated[bool, typer.Option("--int8", help="Quantise weights and activations to 8 bits, calibrated on synthetic images (--synthetic, "
@@ -53,49 +52,17 @@ def export_command(
       dfbf export run/compressed.safetensors --format onnx --int8 --synthetic run/synthetic
     """
     with session(device=device, seed=seed, quiet=quiet, json_mode=json_output) as ctx:
-        from dfbf_cli.adapters import load_model
-        from dfbf_cli.engine.efficiency import check_imgsz
-        from dfbf_cli.engine.export import calibration_path, check_packages, check_target, default_path, export, make_calibration_set
-        from dfbf_cli.engine.files import Kind, Output, check_outputs
-        from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
+        from dfbf_cli.api import export
 
-        if synthetic is not None and not int8:
-            raise DfbfError("--synthetic is read for INT8 calibration only; add --int8 or leave it out.")
-        if recipe != Int8Recipe.AUTO and not (int8 and fmt == ExportFormat.OPENVINO):
-            raise DfbfError("--int8-recipe chooses how NNCF quantises an OpenVINO export: it needs --int8 --format openvino.")
-        check_packages(fmt)
-        adapter = load_model(model, weights)
-        size = imgsz or adapter.input_spec.imgsz
-        check_imgsz(adapter, size, 1, ctx.device, training=False)
-        path = out or default_path(adapter.stem, fmt, int8)
-        made = calibration_path(path, adapter.stem, size) if int8 and synthetic is None else None
-        check_outputs([Output("--out", path, Kind.DIRECTORY if fmt == ExportFormat.OPENVINO else Kind.FILE)]
-                      + ([Output("the calibration set", made, Kind.DIRECTORY)] if made else []),
-                      input_paths(model=model, weights=weights, synthetic=synthetic))
-        adapter.check_export_path(path, fmt)
-        check_target(path)
-        dataset = None
-        if made is not None:
-            ctx.say(f"No --synthetic given: synthesising {CALIBRATION_SET_IMAGES} calibration images at {size} px into {made} on {ctx.device} "
-                    "(kept: the next export of this model at this size reuses them).")
-            with ctx.progress() as show:
-                dataset = make_calibration_set(adapter, made, imgsz=size, device=ctx.device, seed=seed, on_progress=show)
-        elif synthetic is not None:
-            dataset = SyntheticDataset.open(synthetic)
-            dataset.verify()
-            if dataset.num_images < 1:
-                raise DfbfError(f"{synthetic} holds no images to calibrate on.")
-            dataset.check_teacher(adapter.fingerprint(), allow_mismatch=allow_teacher_mismatch, lineage=adapter.lineage())
-        ctx.say(f"Exporting {adapter.describe()} to {fmt}{' INT8' if int8 else ''} at {size} px"
-                + (f", calibrated on synthetic images from {dataset.root}." if dataset else "."))
         with ctx.progress() as show:
-            record = export(adapter, fmt, path, imgsz=size, calibration=dataset, recipe=recipe, on_progress=show)
-        quantised = record.get("int8")
+            done = export(model, fmt, weights=weights, int8=int8, synthetic=synthetic, recipe=recipe, imgsz=imgsz, out=out,
+                          allow_teacher_mismatch=allow_teacher_mismatch, device=ctx.device, seed=seed, on_progress=show)
+        quantised = done.record.get("int8")
         if quantised:
             ctx.say(int8_summary(quantised))
-        ctx.say(f"Exported to {path}. Score it with: dfbf eval {path} --data DATA")
-        ctx.emit({"command": "export", "out": str(path), "format": str(fmt), "int8": int8, "imgsz": size, "extra": EXPORT_EXTRA,
-                  "calibration": record["calibration"], "int8_recipe": quantised})
+        ctx.say(f"Exported to {done.path}. Score it with: dfbf eval {done.path} --data DATA")
+        ctx.emit({"command": "export", "out": str(done.path), "format": str(fmt), "int8": int8, "imgsz": done.record["imgsz"], "extra": EXPORT_EXTRA,
+                  "calibration": done.record["calibration"], "int8_recipe": quantised})
 
 
 def int8_summary(quantised: dict) -> str:

@@ -16,7 +16,6 @@ from dfbf_cli.cli.common import (
     SeedOption,
     TeacherWeightsOption,
     WeightsOption,
-    input_paths,
     session,
 )
 from dfbf_cli.settings import (
@@ -40,10 +39,12 @@ BatchOption = Annotated[int, typer.Option("--batch", min=2, help="Images per ste
 LrOption = Annotated[float, typer.Option("--lr", help="Peak learning rate (cosine schedule).")]
 WeightDecayOption = Annotated[float, typer.Option("--weight-decay", help="L2 weight decay; 0 measured best with adam (the reference's SGD used 5e-4).")]
 OptimizerOption = Annotated[Optimizer, typer.Option("--optimizer", help="adam (measured best here) or sgd (the reference: momentum 0.9).")]
-LossOption = Annotated[Distance, typer.Option("--loss", help="Feature distance: l1 (the reference), mse or smoothl1.")]
-TapWeightsOption = Annotated[TapWeighting, typer.Option("--tap-weights", help="Weights over the feature taps: linear (rising with depth), uniform, "
-    "or last (final output only).")]
-BatchNormOption = Annotated[BatchNormMode, typer.Option("--bn", help="Student BatchNorm: train (batch statistics on synthetic images) or frozen.")]
+LossOption = Annotated[Distance, typer.Option("--loss", help="Feature distance: l1 (the reference, measured best); mse and smoothl1 are "
+    "[experimental: measured no better, docs/finetune.md].")]
+TapWeightsOption = Annotated[TapWeighting, typer.Option("--tap-weights", help="Weights over the feature taps: linear (rising with depth); uniform and "
+    "last (final output only) are [experimental: measured no better].")]
+BatchNormOption = Annotated[BatchNormMode, typer.Option("--bn", help="Student BatchNorm: train (batch statistics on synthetic images, measured best) "
+    "or frozen [experimental: needs a 10x smaller --lr, ends lower].")]
 AllowMismatchOption = Annotated[bool, typer.Option("--allow-teacher-mismatch", help="Use a --data dataset synthesised from another model than --teacher.")]
 RenewOption = Annotated[int, typer.Option("--renew", min=0, help="[experimental: measured no better, docs/finetune.md] Renew this many of the "
     "synthetic images each epoch: cut-mixed, then "
@@ -95,44 +96,13 @@ def finetune_command(
       dfbf finetune yolo11n-pose-pruned30.pt --teacher yolo11n-pose.pt --data synth/ --out yolo11n-pose-ft.pt
     """
     with session(device=device, seed=seed, quiet=quiet, json_mode=json_output) as ctx:
-        from dfbf_cli.adapters import load_model
-        from dfbf_cli.engine.distributed import check_batch_split, current
-        from dfbf_cli.engine.efficiency import check_imgsz
-        from dfbf_cli.engine.files import Output, check_outputs
-        from dfbf_cli.engine.finetune import check_compatible, finetune, fitting_scope
-        from dfbf_cli.engine.runtime import resolve_precision
-        from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
-        from dfbf_cli.errors import DfbfError
+        from dfbf_cli.api import finetune
 
-        dataset = SyntheticDataset.open(data)
-        dataset.verify()
-        settings = FinetuneSettings(epochs=epochs or _BALANCED.epochs(dataset.num_images, batch, dataset.imgsz), batch=batch, lr=lr,
-                                    weight_decay=weight_decay, optimizer=optimizer, loss=loss, tap_weights=tap_weights, bn=bn, cutmix=cutmix,
-                                    precision=resolve_precision(precision, ctx.device), renew=renew, renew_steps=renew_steps,
-                                    adversarial=adversarial)  # the JSON says bf16 or fp32, not auto
-        settings.validate()
-        check_batch_split(batch)
-        student = load_model(pruned, weights)
-        original = load_model(teacher, teacher_weights, "--teacher-weights")
-        path = student.output_path(out, "finetuned")
-        state_path = path.with_name(f"{path.stem}.finetune-state.pt")
-        check_outputs([Output("--out", path), Output("the fine-tuning checkpoint", state_path)],
-                      input_paths(model=pruned, teacher=teacher, weights=weights, teacher_weights=teacher_weights, data=data))
-        dataset.check_teacher(original.fingerprint(), allow_mismatch=allow_teacher_mismatch)
-        if dataset.num_images < 2:
-            raise DfbfError(f"{data} holds {dataset.num_images} image(s); fine-tuning needs at least 2.")
-        check_imgsz(student, dataset.imgsz, min(batch, dataset.num_images), ctx.device, training=True)
-        scope = scope or fitting_scope(student, original, dataset.imgsz)
-        check_compatible(student, original, dataset.imgsz, scope)
-        images, _ = dataset.load()
-        ctx.say(f"Fine-tuning {settings.epochs} epoch(s) over {len(images)} image(s) at {dataset.imgsz} px on {ctx.device} ({settings.precision}), "
-                f"scope {scope}.")
         with ctx.progress() as show:
-            history = finetune(student, original, images, settings=settings, scope=scope, device=ctx.device, seed=seed, state_path=state_path,
-                               resume=resume, data_id=dataset.content_id(), on_progress=show)
-        if current().main:  # under torchrun, rank 0 writes the one checkpoint
-            student.save(path)
-            state_path.unlink(missing_ok=True)
-        ctx.say(f"Fine-tuned model written to {path} (final feature loss {history[-1].loss:.4f}).")
-        ctx.emit({"command": "finetune", "out": str(path), "scope": str(scope), "settings": settings.to_dict(),
-                  "history": [vars(r) for r in history]})
+            done = finetune(pruned, teacher, data, out=out, weights=weights, teacher_weights=teacher_weights, scope=scope, resume=resume,
+                            allow_teacher_mismatch=allow_teacher_mismatch, device=ctx.device, precision=precision, seed=seed, on_progress=show,
+                            epochs=epochs, batch=batch, lr=lr, weight_decay=weight_decay, optimizer=optimizer, loss=loss, tap_weights=tap_weights,
+                            bn=bn, cutmix=cutmix, renew=renew, renew_steps=renew_steps, adversarial=adversarial)
+        ctx.say(f"Fine-tuned model written to {done.path} (final feature loss {done.history[-1].loss:.4f}).")
+        ctx.emit({"command": "finetune", "out": str(done.path), "scope": str(done.scope), "settings": done.settings.to_dict(),
+                  "history": [vars(r) for r in done.history]})

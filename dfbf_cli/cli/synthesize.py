@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from dataclasses import replace
 from pathlib import Path
 from typing import Annotated
 
@@ -17,12 +16,10 @@ from dfbf_cli.cli.common import (
     QuietOption,
     SeedOption,
     WeightsOption,
-    input_paths,
-    refuse_unused,
     session,
 )
-from dfbf_cli.errors import DfbfError
-from dfbf_cli.settings import DEFAULT_PRESET, PRESETS, SYNTHESIS_BATCH, Precision
+from dfbf_cli.errors import DfbfError, refuse_unused
+from dfbf_cli.settings import DEFAULT_PRESET, SYNTHESIS_BATCH, Precision
 
 
 def synthesize_command(
@@ -77,29 +74,11 @@ def synthesize_command(
             return
         if model is None or out is None:
             raise DfbfError("Give MODEL and --out DIR (or --info DIR to describe a dataset).")
-        from dfbf_cli.adapters import load_model
-        from dfbf_cli.engine.efficiency import check_imgsz
-        from dfbf_cli.engine.files import Kind, Output, check_outputs
-        from dfbf_cli.engine.runtime import resolve_precision
-        from dfbf_cli.engine.synthesis import plan_synthesis, run_synthesis
+        from dfbf_cli.api import synthesize
 
-        chosen = PRESETS[preset]
-        arithmetic = resolve_precision(precision, ctx.device)
-        adapter = load_model(model, weights)
-        check_outputs([Output("--out", out, Kind.DIRECTORY)], input_paths(model=model, weights=weights))
-        size = imgsz or chosen.imgsz(adapter.input_spec.imgsz)
-        check_imgsz(adapter, size, batch, ctx.device, training=True)
-        settings = replace(
-            chosen.synthesis,
-            iterations=chosen.synthesis.iterations if iterations is None else iterations,
-            low_res_iterations=chosen.synthesis.low_res_iterations if low_res_iterations is None else low_res_iterations,
-        )
-        settings.validate()
-        wanted = num_images or chosen.num_images(size)
-        plan = plan_synthesis(adapter, out, num_images=wanted, imgsz=size, batch=batch, settings=settings, seed=seed, precision=arithmetic)
-        ctx.say(f"Synthesising {sum(plan.shard_sizes)} image(s) at {size} px from {adapter.describe()} on {ctx.device} ({arithmetic}) "
-                f"into {out} ({plan.dataset.num_images} already there).")
         with ctx.progress() as show:
-            dataset = run_synthesis(adapter, plan, device=ctx.device, on_progress=show)
+            dataset = synthesize(model, out, weights=weights, preset=preset, num_images=num_images, imgsz=imgsz, iterations=iterations,
+                                 low_res_iterations=low_res_iterations, batch=batch, device=ctx.device, precision=precision, seed=seed,
+                                 on_progress=show)
         ctx.results.print(manifest_table(dataset))
         ctx.emit({"command": "synthesize", "out": str(out), "num_images": dataset.num_images, "manifest": dataset.manifest})

@@ -30,14 +30,13 @@ from pathlib import Path
 import torch
 
 from dfbf_cli import __version__
-from dfbf_cli.contract import EvalData, ImageFolder, ModelAdapter
+from dfbf_cli.contract import EvalData, ImageFolder, Metric, ModelAdapter
 from dfbf_cli.engine.distributed import barrier, check_batch_split, current, job_exclusive, main_first
 from dfbf_cli.engine.efficiency import check_imgsz
 from dfbf_cli.engine.evaluate import Candidate, ModelReport, Verdict, check_evaluation, evaluate_models, free_alternative, watched_metric
-from dfbf_cli.engine.export import check_packages, default_path
+from dfbf_cli.engine.export import default_path
 from dfbf_cli.engine.export import export as export_model
 from dfbf_cli.engine.features import feature_gap
-from dfbf_cli.engine.files import LOCK_FILE, Kind, Output, check_outputs, read_json, write_json
 from dfbf_cli.engine.finetune import EpochRecord, finetune
 from dfbf_cli.engine.progress import ProgressCallback, ignore
 from dfbf_cli.engine.progressive import progressive_prune
@@ -47,6 +46,8 @@ from dfbf_cli.engine.report import write_report
 from dfbf_cli.engine.synthesis import plan_synthesis, run_synthesis
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
 from dfbf_cli.errors import DfbfError
+from dfbf_cli.export_record import check_packages
+from dfbf_cli.files import LOCK_FILE, Kind, Output, check_outputs, read_json, write_json
 from dfbf_cli.settings import (
     EVAL_BATCH,
     PRESETS,
@@ -229,6 +230,7 @@ class CompressResult:
     reports: list[ModelReport]
     verdict: Verdict | None
     gate_failure: str | None  # why --max-drop failed, if it did
+    watched: Metric | None = None  # the metric the report's drop is measured in (with --data)
 
 
 def _synthesize(plan: CompressPlan, folder: Path, count: int, seed: int, on_progress: ProgressCallback) -> SyntheticDataset:
@@ -352,7 +354,7 @@ def _run_stages(plan: CompressPlan, on_progress: ProgressCallback) -> CompressRe
     failure = None
     if plan.max_drop is not None and drop > plan.max_drop:
         failure = f"{metric.name} dropped by {drop:.4g}, more than --max-drop {plan.max_drop}."
-    return CompressResult(run, summary, reports + ([baseline] if baseline else []), verdict, failure)
+    return CompressResult(run, summary, reports + ([baseline] if baseline else []), verdict, failure, metric)
 
 
 def _evaluate(plan: CompressPlan, pruned: ModelAdapter, compressed: ModelAdapter, exported: ModelAdapter | None,

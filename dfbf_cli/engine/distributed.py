@@ -15,8 +15,8 @@ from typing import TypeVar
 import torch
 import torch.distributed as dist
 
-from dfbf_cli.engine.files import exclusive
 from dfbf_cli.errors import DfbfError
+from dfbf_cli.files import exclusive
 
 T = TypeVar("T")
 
@@ -107,7 +107,7 @@ def main_first(work: Callable[[], T]) -> T | None:
 
 @contextlib.contextmanager
 def job_exclusive(folder: Path, option: str) -> Iterator[None]:
-    """:func:`~dfbf_cli.engine.files.exclusive` for the whole job: rank 0 holds the folder's lock (the ranks of
+    """:func:`~dfbf_cli.files.exclusive` for the whole job: rank 0 holds the folder's lock (the ranks of
     one torchrun job share it), and a refusal is raised on every rank."""
     with contextlib.ExitStack() as stack:
         main_first(lambda: stack.enter_context(exclusive(folder, option)))

@@ -12,9 +12,9 @@ from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
 
 from dfbf_cli.contract import Exported, ModelAdapter
-from dfbf_cli.engine.files import temporary_folder
 from dfbf_cli.engine.runtime import free_memory_bytes
 from dfbf_cli.errors import DfbfError
+from dfbf_cli.files import temporary_folder
 from dfbf_cli.settings import Scope
 
 WARMUP_RUNS = 3

@@ -10,8 +10,6 @@ result into place only once it is complete, with a record of what it is (``dfbf.
 
 from __future__ import annotations
 
-import importlib.util
-import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -24,13 +22,12 @@ from dfbf_cli.engine.efficiency import count_params, example_input, gflops
 from dfbf_cli.engine.progress import ProgressCallback, ProgressEvent, ignore
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
 from dfbf_cli.errors import DfbfError
+from dfbf_cli.export_record import read_record, write_record
 from dfbf_cli.settings import (
     CALIBRATION_IMAGES,
     CALIBRATION_SET_BATCH,
     CALIBRATION_SET_IMAGES,
     CALIBRATION_SYNTHESIS,
-    EXPORT_EXTRA,
-    EXPORT_PACKAGES,
     HELD_OUT_SHARE,
     INT8_CANDIDATES,
     MIN_HELD_OUT,
@@ -39,15 +36,6 @@ from dfbf_cli.settings import (
     Precision,
     Scope,
 )
-
-RECORD = "dfbf.json"  # beside an exported folder's files; inside an .onnx file's metadata under this key
-
-
-def check_packages(fmt: ExportFormat) -> None:
-    """The runtime packages ``fmt`` needs are installed (Ultralytics would try to pip-install them)."""
-    missing = [name for name in EXPORT_PACKAGES[ExportFormat(fmt)] if importlib.util.find_spec(name) is None]
-    if missing:
-        raise DfbfError(f"Exporting to {fmt} needs {', '.join(missing)}: install dfbf's export extra ({EXPORT_EXTRA}).")
 
 
 def default_path(stem: str, fmt: ExportFormat, int8: bool) -> Path:
@@ -108,7 +96,7 @@ def export(adapter: ModelAdapter, fmt: ExportFormat, out: Path, *, imgsz: int, c
         else:
             artefact, record["int8"] = _quantise(adapter, fmt, Path(tmp), images, record, recipe=recipe, imgsz=imgsz, on_progress=on_progress)
             record["calibration"]["images"] = record["int8"].pop("calibration_images")
-        _write_record(artefact.path, record)
+        write_record(artefact.path, record)
         if out.exists():
             shutil.rmtree(out) if out.is_dir() else out.unlink()
         artefact.path.replace(out)
@@ -135,7 +123,7 @@ def _quantise(adapter: ModelAdapter, fmt: ExportFormat, folder: Path, images: to
     for done, candidate in enumerate(recipes):
         on_progress(ProgressEvent("INT8 recipes", done, len(recipes), {"trying": str(candidate)}))
         artefact = adapter.export(folder / str(candidate), fmt, imgsz=imgsz, calibration=calibration, recipe=candidate)
-        _write_record(artefact.path, record)  # reading an export back needs its record
+        write_record(artefact.path, record)  # reading an export back needs its record
         scores = {} if pictures is None else adapter.load_export(artefact.path).agreement(adapter, pictures, imgsz=imgsz, batch=1,
                                                                                           device=torch.device("cpu"))
         trials.append((candidate, artefact, scores))
@@ -157,33 +145,3 @@ def _pictures(folder: Path, images: torch.Tensor) -> ImageFolder | None:
     for file, image in zip(files, images, strict=True):
         Image.fromarray(image.permute(1, 2, 0).numpy()).save(file)
     return ImageFolder(folder, files)
-
-
-def _write_record(artefact: Path, record: dict) -> None:
-    if artefact.is_dir():
-        (artefact / RECORD).write_text(json.dumps(record, indent=2) + "\n")
-    else:
-        _embed(artefact, record)
-
-
-def _embed(onnx_file: Path, record: dict) -> None:
-    import onnx
-
-    model = onnx.load(str(onnx_file))
-    entry = next((p for p in model.metadata_props if p.key == RECORD), None) or model.metadata_props.add()
-    entry.key, entry.value = RECORD, json.dumps(record)
-    onnx.save(model, str(onnx_file))
-
-
-def read_record(path: Path) -> dict | None:
-    """The record of a dfbf export (folder or .onnx), or None if dfbf did not write it."""
-    try:
-        if path.is_dir():
-            return json.loads((path / RECORD).read_text()) if (path / RECORD).is_file() else None
-        import onnx
-
-        model = onnx.load(str(path), load_external_data=False)
-        entry = next((p for p in model.metadata_props if p.key == RECORD), None)
-        return None if entry is None else json.loads(entry.value)
-    except Exception as error:  # a damaged file: onnx and json raise many types
-        raise DfbfError(f"'{path}' is not a readable export ({str(error).splitlines()[0] if str(error) else type(error).__name__}).") from error

@@ -22,10 +22,10 @@ from torch import nn
 from dfbf_cli.contract import ModelAdapter
 from dfbf_cli.engine.distributed import check_batch_split, current, rank_mean
 from dfbf_cli.engine.features import FeatureTaps, tap_weights, weighted_distance
-from dfbf_cli.engine.files import atomic_path
 from dfbf_cli.engine.progress import ProgressCallback, ProgressEvent, ignore
 from dfbf_cli.engine.runtime import autocast
 from dfbf_cli.errors import DfbfError
+from dfbf_cli.files import atomic_path
 from dfbf_cli.settings import BatchNormMode, FinetuneSettings, Optimizer, Scope, SynthesisSettings
 
 SGD_MOMENTUM = 0.9
@@ -156,6 +156,118 @@ def _load_state(state_path: Path, identity: dict) -> dict:
     return state
 
 
+class Distillation:
+    """One fine-tuning run, in the order it happens: set up (models, optimiser, generator, the renewed pool),
+    :meth:`resume` from an interrupted run's checkpoint, :meth:`epoch` after epoch each followed by
+    :meth:`checkpoint`, and :meth:`finish` (the teacher's head reattached)."""
+
+    def __init__(self, student: ModelAdapter, teacher: ModelAdapter, images: torch.Tensor, *, settings: FinetuneSettings, scope: Scope,
+                 device: torch.device, seed: int, state_path: Path, data_id: str):
+        settings.validate()
+        check_compatible(student, teacher, images.shape[-1], scope)
+        self.student, self.teacher, self.images, self.settings, self.scope = student, teacher, images, settings, scope
+        self.device, self.state_path = device, state_path
+        self.s_split, self.t_split = student.split(scope), teacher.split(scope)
+        self.taps = self.s_split.feature_taps
+        self.weights = tap_weights(settings.tap_weights, len(self.taps))
+        student.model.to(device).requires_grad_(False)
+        teacher.model.to(device).eval().requires_grad_(False)
+        self.params = list(self.s_split.backbone.parameters())
+        for p in self.params:
+            p.requires_grad_(True)
+        self.optimizer = _optimizer(self.params, settings)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.identity = {**settings.to_dict(), "scope": str(scope), "seed": seed, "data": data_id, "images": len(images)}  # any process count may resume
+        self.history: list[EpochRecord] = []
+        self.start_epoch = 0
+        self.pool = RenewedPool(images, teacher, settings, seed, device) if settings.renew else None
+        self.batch = min(settings.batch, len(images))
+        self.steps = len(images) // self.batch  # drop the ragged last batch: BatchNorm statistics need full batches
+        check_batch_split(self.batch)
+        world = current()
+        self.main = world.main
+        self.share = slice(world.rank * self.batch // world.size, (world.rank + 1) * self.batch // world.size)  # this rank's part of every batch
+        self.trained: nn.Module = self.s_split.backbone
+
+    def resume(self, allowed: bool) -> None:
+        """Continue from the checkpoint at ``state_path`` if there is one (only when ``allowed``); then, under
+        torchrun, wrap the student so that gradients are averaged over the ranks."""
+        if self.state_path.exists():
+            if not allowed:
+                raise DfbfError(f"{self.state_path} holds an interrupted fine-tuning run: pass --resume to continue it, or delete it.")
+            state = _load_state(self.state_path, self.identity)
+            self.student.model.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.generator.set_state(state["generator"])
+            self.history, self.start_epoch = [EpochRecord(**r) for r in state["history"]], state["epoch"]
+            if self.pool is not None:
+                self.pool.images = state["pool"]
+        if current().distributed:  # the same steps as one process with the whole batch
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.trained = DistributedDataParallel(self.s_split.backbone, device_ids=[self.device.index] if self.device.type == "cuda" else None)
+
+    def epoch(self, epoch: int, taps: tuple[FeatureTaps, FeatureTaps], on_progress: ProgressCallback) -> EpochRecord:
+        """One pass over the images (renewed first, with --renew); a loss or weights that stop being finite end the run."""
+        settings, (s_taps, t_taps) = self.settings, taps
+        for group in self.optimizer.param_groups:
+            group["lr"] = _cosine_lr(settings, epoch)
+        if self.pool is not None and epoch > 0:
+            self.pool.renew(epoch, self.s_split.backbone.eval(), taps, self.weights, self.generator)
+            self.images = self.pool.images
+        self.trained.train(settings.bn == BatchNormMode.TRAIN)
+        order = torch.randperm(len(self.images), generator=self.generator)
+        started, total, tap_totals = time.perf_counter(), 0.0, torch.zeros(len(self.taps))
+        for step in range(self.steps):
+            x = augment(self.images[order[step * self.batch : (step + 1) * self.batch]].float().div(255), self.generator)
+            if settings.cutmix:
+                x = cutmix(x, self.generator)
+            loss, losses = self._step(self.student.input_spec.normalize(x[self.share].to(self.device)), s_taps, t_taps, epoch, step)
+            total += loss
+            tap_totals += losses
+            on_progress(ProgressEvent("finetune", epoch + (step + 1) / self.steps, settings.epochs, {
+                "epoch": f"{epoch + 1}/{settings.epochs}", "loss": total / (step + 1), "taps": tap_summary((tap_totals / (step + 1)).tolist()),
+                "img/s": (step + 1) * self.batch / (time.perf_counter() - started)}))
+        if not all(math.isfinite(float(p.detach().abs().sum())) for p in self.params):
+            self._diverged(f"at epoch {epoch + 1} (the weights are no longer finite)")
+        return EpochRecord(epoch + 1, rank_mean(total / self.steps), [rank_mean(v) for v in (tap_totals / self.steps).tolist()],
+                           self.steps * self.batch / (time.perf_counter() - started))
+
+    def _step(self, x: torch.Tensor, s_taps: FeatureTaps, t_taps: FeatureTaps, epoch: int, step: int) -> tuple[float, torch.Tensor]:
+        """One optimiser step on the normalised batch ``x``: its loss and per-tap losses."""
+        with autocast(self.settings.precision, self.device):
+            with torch.no_grad():
+                self.t_split.backbone(x)
+                targets = t_taps.take()
+            self.trained(x)
+            loss, losses = weighted_distance(s_taps.take(), targets, self.weights, self.settings.loss)
+        if rank_mean(float(torch.isfinite(loss))) != 1.0:  # under torchrun, every rank stops together
+            self._diverged(f"at epoch {epoch + 1}, step {step + 1} (the loss is {loss.item()})")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        return loss.item(), losses.detach().cpu()
+
+    def _diverged(self, where: str) -> None:
+        self.state_path.unlink(missing_ok=True)  # a diverging run is not worth resuming
+        raise DfbfError(f"Fine-tuning diverged {where}; nothing was saved: lower --lr (now {self.settings.lr:g}).")
+
+    def checkpoint(self, record: EpochRecord) -> None:
+        """Record the finished epoch; rank 0 writes the checkpoint a resumed run starts from."""
+        self.history.append(record)
+        if self.main:
+            with atomic_path(self.state_path) as tmp:
+                torch.save({"model": self.student.model.state_dict(), "optimizer": self.optimizer.state_dict(), "generator": self.generator.get_state(),
+                            "epoch": record.epoch, "identity": self.identity, "history": [asdict(r) for r in self.history],
+                            **({"pool": self.pool.images} if self.pool is not None else {})}, tmp)
+
+    def finish(self) -> list[EpochRecord]:
+        self.student.model.eval().requires_grad_(False)
+        reattach_head(self.student, self.teacher, self.scope)
+        self.student.weights_changed()
+        return self.history
+
+
 def finetune(
     student: ModelAdapter, teacher: ModelAdapter, images: torch.Tensor, *, settings: FinetuneSettings, scope: Scope, device: torch.device,
     seed: int, state_path: Path, resume: bool = False, data_id: str = "", on_progress: ProgressCallback = ignore,
@@ -166,95 +278,12 @@ def finetune(
     finite ends the run with a :class:`DfbfError`, leaving neither model nor checkpoint. Under torchrun the
     student is a DistributedDataParallel: every rank draws the same batch and trains on its share of it
     (its BatchNorm statistics are its own share's), rank 0 writes the checkpoint."""
-    settings.validate()
-    imgsz = images.shape[-1]
-    check_compatible(student, teacher, imgsz, scope)
-    s_split, t_split = student.split(scope), teacher.split(scope)
-    taps = s_split.feature_taps
-    weights = tap_weights(settings.tap_weights, len(taps))
-    mixed_precision = autocast(settings.precision, device)
-
-    student.model.to(device).requires_grad_(False)
-    teacher.model.to(device).eval().requires_grad_(False)
-    params = list(s_split.backbone.parameters())
-    for p in params:
-        p.requires_grad_(True)
-    optimizer = _optimizer(params, settings)
-    generator = torch.Generator().manual_seed(seed)
-    identity = {**settings.to_dict(), "scope": str(scope), "seed": seed, "data": data_id, "images": len(images)}  # not the process count: any may resume
-    history: list[EpochRecord] = []
-    start_epoch = 0
-    pool = RenewedPool(images, teacher, settings, seed, device) if settings.renew else None
-    if state_path.exists():
-        if not resume:
-            raise DfbfError(f"{state_path} holds an interrupted fine-tuning run: pass --resume to continue it, or delete it.")
-        state = _load_state(state_path, identity)
-        student.model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        generator.set_state(state["generator"])
-        history, start_epoch = [EpochRecord(**r) for r in state["history"]], state["epoch"]
-        if pool is not None:
-            pool.images = state["pool"]
-
-    n, batch = len(images), min(settings.batch, len(images))
-    steps = n // batch  # drop the ragged last batch: BatchNorm statistics need full batches
-    world = current()
-    check_batch_split(batch)
-    share = slice(world.rank * batch // world.size, (world.rank + 1) * batch // world.size)  # this rank's part of every batch
-    student_backbone = s_split.backbone
-    if world.distributed:  # gradients averaged over the ranks: the same steps as one process with the whole batch
-        from torch.nn.parallel import DistributedDataParallel
-
-        student_backbone = DistributedDataParallel(s_split.backbone, device_ids=[device.index] if device.type == "cuda" else None)
-    with FeatureTaps(student.model, taps) as s_taps, FeatureTaps(teacher.model, taps) as t_taps:
-        for epoch in range(start_epoch, settings.epochs):
-            for group in optimizer.param_groups:
-                group["lr"] = _cosine_lr(settings, epoch)
-            if pool is not None and epoch > 0:
-                pool.renew(epoch, s_split.backbone.eval(), (s_taps, t_taps), weights, generator)
-                images = pool.images
-            student_backbone.train(settings.bn == BatchNormMode.TRAIN)
-            order = torch.randperm(n, generator=generator)
-            started, total, tap_totals = time.perf_counter(), 0.0, torch.zeros(len(taps))
-            for step in range(steps):
-                x = augment(images[order[step * batch : (step + 1) * batch]].float().div(255), generator)
-                if settings.cutmix:
-                    x = cutmix(x, generator)
-                x = student.input_spec.normalize(x[share].to(device))
-                with mixed_precision:
-                    with torch.no_grad():
-                        t_split.backbone(x)
-                        targets = t_taps.take()
-                    student_backbone(x)
-                    loss, losses = weighted_distance(s_taps.take(), targets, weights, settings.loss)
-                finite = rank_mean(float(torch.isfinite(loss))) == 1.0  # under torchrun, every rank stops together
-                if not finite:
-                    state_path.unlink(missing_ok=True)  # a diverging run is not worth resuming
-                    raise DfbfError(f"Fine-tuning diverged at epoch {epoch + 1}, step {step + 1} (the loss is {loss.item()}); "
-                                    f"nothing was saved: lower --lr (now {settings.lr:g}).")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
-                total += loss.item()
-                tap_totals += losses.detach().cpu()
-                rate = (step + 1) * batch / (time.perf_counter() - started)
-                on_progress(ProgressEvent("finetune", epoch + (step + 1) / steps, settings.epochs, {
-                    "epoch": f"{epoch + 1}/{settings.epochs}", "loss": total / (step + 1), "taps": tap_summary((tap_totals / (step + 1)).tolist()),
-                    "img/s": rate}))
-            if not all(math.isfinite(float(p.detach().abs().sum())) for p in params):
-                state_path.unlink(missing_ok=True)
-                raise DfbfError(f"Fine-tuning diverged at epoch {epoch + 1} (the weights are no longer finite); nothing was saved: lower --lr.")
-            history.append(EpochRecord(epoch + 1, rank_mean(total / steps), [rank_mean(v) for v in (tap_totals / steps).tolist()],
-                                       steps * batch / (time.perf_counter() - started)))
-            if world.main:
-                with atomic_path(state_path) as tmp:
-                    torch.save({"model": student.model.state_dict(), "optimizer": optimizer.state_dict(), "generator": generator.get_state(),
-                                "epoch": epoch + 1, "identity": identity, "history": [asdict(r) for r in history],
-                                **({"pool": pool.images} if pool is not None else {})}, tmp)
-    student.model.eval().requires_grad_(False)
-    reattach_head(student, teacher, scope)
-    student.weights_changed()
-    return history
+    run = Distillation(student, teacher, images, settings=settings, scope=scope, device=device, seed=seed, state_path=state_path, data_id=data_id)
+    run.resume(resume)
+    with FeatureTaps(student.model, run.taps) as s_taps, FeatureTaps(teacher.model, run.taps) as t_taps:
+        for epoch in range(run.start_epoch, settings.epochs):
+            run.checkpoint(run.epoch(epoch, (s_taps, t_taps), on_progress))
+    return run.finish()
 
 
 def tap_summary(tap_losses: list[float]) -> str:

@@ -6,8 +6,8 @@ from pathlib import Path
 
 from dfbf_cli import __version__
 from dfbf_cli.engine.evaluate import ModelReport, Verdict
-from dfbf_cli.engine.files import atomic_path, write_json
 from dfbf_cli.engine.finetune import EpochRecord
+from dfbf_cli.files import atomic_path, write_json
 
 EFFICIENCY_ROWS = (  # label, Efficiency field, scale, format
     ("input size (px)", "imgsz", 1, "{:.0f}"),

@@ -24,8 +24,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from dfbf_cli import __version__
-from dfbf_cli.engine.files import atomic_path, read_json, sha256_file, write_json
 from dfbf_cli.errors import DfbfError
+from dfbf_cli.files import atomic_path, read_json, sha256_file, write_json
 
 FORMAT = "dfbf-synthetic"
 FORMAT_VERSION = 1

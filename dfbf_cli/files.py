@@ -101,6 +101,15 @@ def _existing_ancestor(path: Path) -> Path:
     return Path("/")
 
 
+def input_paths(**paths: str | Path | None) -> dict[str, Path | None]:
+    """The command's inputs that are files or folders (for the output-path policy), by option name."""
+    found = {}
+    for name, value in paths.items():
+        if value is not None and Path(value).expanduser().exists():
+            found["MODEL" if name == "model" else "--" + name.replace("_", "-")] = Path(value)
+    return found
+
+
 def check_outputs(outputs: list[Output], inputs: dict[str, Path | None]) -> None:
     """Refuse, before any work, an output that is or lies inside an input (paths resolved, symlinks
     followed), an input inside an output directory, an existing directory where a file belongs (or a
