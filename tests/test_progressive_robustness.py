@@ -70,7 +70,7 @@ def test_progressive_keeps_more_accuracy_than_one_shot_at_the_same_size():
     probe = torch.from_numpy(data.arrays[::63]).permute(0, 3, 1, 2).float() / 255  # 8 images across classes
     settings = PruneSettings(0.5)
     keep = {g.name: settings.keep_count(g.size) for g in adapter.channel_groups()}
-    progressive, _ = progressive_prune(adapter, settings, keep, ProgressiveSettings(), probe, seed=0)
+    progressive, _ = progressive_prune(adapter, settings, keep, ProgressiveSettings(steps=4), probe, seed=0)  # 4 steps: the gap holds, in half the time of 8
     one_shot, _ = prune(adapter, settings)
     accuracy = lambda a: classification_accuracy(a.scorer(torch.device("cpu")), data, imgsz=32, batch=500, num_outputs=10)["top1"]  # noqa: E731
     assert count_params(progressive.model) == count_params(one_shot.model)

@@ -67,7 +67,7 @@ def _load_export(path: Path, weights: str | None, weights_option: str) -> ModelA
         from dfbf_cli.adapters.classifier import ExportedClassifier
 
         return ExportedClassifier(path, record)
-    from dfbf_cli.adapters.yolo_export import ExportedYolo
+    from dfbf_cli.adapters.yolo import ExportedYolo
 
     return ExportedYolo(path)  # Ultralytics' own exports, dfbf's or not
 
