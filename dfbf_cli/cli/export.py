@@ -43,7 +43,7 @@ def export_command(
     classifier goes through OpenVINO + NNCF or ONNX Runtime. A quarter of the calibration images is held
     out to measure how well the INT8 model agrees with the FP32 one (and, for OpenVINO, to choose the
     recipe); the export's dfbf.json records it. 'dfbf eval' scores either. Needs the export extra:
-    pip install "dfbf[export]".
+    pip install "dfbf\\[export]".
 
     Examples:
 
