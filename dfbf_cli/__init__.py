@@ -11,7 +11,7 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+source"
 
-API = ("compress", "synthesize", "prune", "finetune", "export", "DfbfError")
+API = ("compress", "synthesize", "prune", "finetune", "evaluate", "export", "DfbfError")
 
 
 def __getattr__(name: str):

@@ -15,7 +15,6 @@ from dfbf_cli.cli.common import (
     WeightsOption,
     session,
 )
-from dfbf_cli.errors import DfbfError, refuse_unused
 from dfbf_cli.settings import EVAL_BATCH
 
 
@@ -48,40 +47,14 @@ def eval_command(
       dfbf eval small.pt --teacher big.pt --data photos/
     """
     with session(device=device, seed=0, quiet=quiet, json_mode=json_output) as ctx:  # nothing random: the noise of --robustness is fixed
-        from dfbf_cli.adapters import load_data, load_model
+        from dfbf_cli.api import evaluate
         from dfbf_cli.cli.tables import report_table
-        from dfbf_cli.contract import ImageFolder
-        from dfbf_cli.engine.efficiency import check_imgsz
-        from dfbf_cli.engine.evaluate import Candidate, Verdict, check_evaluation, evaluate_models, free_alternative, watched_metric
 
-        if weights and len(models) > 1:
-            raise DfbfError("--weights applies to a single MODEL; evaluate models with different weights one by one.")
-        refuse_unused(teacher_weights=(teacher_weights is not None and teacher is None, "applies to a --teacher."))
-        eval_data = load_data(data)
-        refuse_unused(robustness=(robustness and isinstance(eval_data, ImageFolder), "needs labelled --data (unlabelled photos measure agreement only)."))
-        teacher_model = load_model(teacher, teacher_weights, "--teacher-weights") if teacher else None
-        adapters = [load_model(spec, weights) for spec in models]
-        if len({a.input_spec.imgsz for a in adapters}) > 1 and imgsz is None:
-            raise DfbfError("These models have different input sizes; pass --imgsz to compare them at one size.")
-        for adapter in adapters:
-            check_evaluation(adapter, eval_data, teacher_model)
-            check_imgsz(adapter, imgsz or adapter.input_spec.imgsz, batch, ctx.device, training=False)
-        candidates = [Candidate(a.name, a, imgsz or a.input_spec.imgsz) for a in adapters]
-        comparisons = []  # (later model's index, its free alternative's index)
-        if baseline and not isinstance(eval_data, ImageFolder):
-            for index, candidate in enumerate(candidates[1:len(adapters)], 1):
-                alternative = free_alternative(adapters[0], candidate.adapter, candidates[0].imgsz, adapters[0].name)
-                if alternative is not None:
-                    candidates.append(alternative)
-                    comparisons.append((index, len(candidates) - 1))
-        ctx.say(f"Evaluating {', '.join(c.label for c in candidates)} on {data} ({ctx.device}) ...")
         with ctx.progress() as show:
-            reports = evaluate_models(candidates, eval_data, teacher=teacher_model, batch=batch, device=ctx.device,
-                                      latency_runs=latency_runs, robustness=robustness, on_progress=show)
-        metric = watched_metric(adapters[0], eval_data)
-        verdicts = [Verdict.of(metric, reports[i], reports[b]) for i, b in comparisons]
-        ctx.results.print(report_table(reports, f"dfbf eval · {data}", metric))
-        for (index, _), verdict in zip(comparisons, verdicts):
-            ctx.results.print(f"{candidates[index].label}: {verdict.sentence()}", highlight=False, soft_wrap=True, markup=False)
-        ctx.emit({"command": "eval", "data": data, "device": str(ctx.device), "models": [r.to_dict() for r in reports],
-                  "free_alternative": [{"model": candidates[i].label, **v.to_dict()} for (i, _), v in zip(comparisons, verdicts)]})
+            done = evaluate(models, data, weights=weights, teacher=teacher, teacher_weights=teacher_weights, imgsz=imgsz, batch=batch,
+                            latency_runs=latency_runs, robustness=robustness, baseline=baseline, device=ctx.device, on_progress=show)
+        ctx.results.print(report_table(done.reports, f"dfbf eval · {data}", done.metric))
+        for label, verdict in done.verdicts.items():
+            ctx.results.print(f"{label}: {verdict.sentence()}", highlight=False, soft_wrap=True, markup=False)
+        ctx.emit({"command": "eval", "data": data, "device": str(ctx.device), "models": [r.to_dict() for r in done.reports],
+                  "free_alternative": [{"model": label, **v.to_dict()} for label, v in done.verdicts.items()]})

@@ -1,23 +1,12 @@
-"""dfbf from Python: one function per command, each the validated plan and the run that command uses.
-
-    import dfbf_cli as dfbf
-
-    run = dfbf.compress("yolo11n-pose.pt", flops=0.7, data="coco8-pose.yaml")
-    run.report["models"]          # what report.json holds
-    run.model.model               # the compressed nn.Module (``run.model`` is its adapter)
-
-Every function checks all its arguments and inputs before any work, raises :class:`DfbfError` with the
-sentence the CLI prints for the same mistake, and writes nothing half-done. ``on_progress`` receives one
-:class:`ProgressEvent` per step of every long stage (the CLI draws them as bars).
-"""
+"""The single-stage commands as functions: synthesize, prune, finetune."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from dfbf_cli.api.common import as_device, dfbf_log, pruning_target, read_synthetic_set
 from dfbf_cli.engine.progress import ProgressCallback, ignore
 from dfbf_cli.errors import DfbfError, refuse_unused
 from dfbf_cli.files import Kind, Output, check_outputs, input_paths
@@ -28,9 +17,7 @@ from dfbf_cli.settings import (
     SYNTHESIS_BATCH,
     Allocation,
     Criterion,
-    ExportFormat,
     FinetuneSettings,
-    Int8Recipe,
     Precision,
     PresetName,
     ProgressiveSettings,
@@ -39,53 +26,16 @@ from dfbf_cli.settings import (
     Schedule,
     Scope,
     Strategy,
-    require_fraction,
 )
 
 if TYPE_CHECKING:
     import torch
 
     from dfbf_cli.contract import ModelAdapter
-    from dfbf_cli.engine.compress import CompressResult
     from dfbf_cli.engine.efficiency import Efficiency
     from dfbf_cli.engine.pruning import GroupOutcome
     from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
 
-__all__ = ["CompressRun", "DfbfError", "Exported", "Finetuned", "Pruned", "compress", "export", "finetune", "prune", "synthesize"]
-
-
-def _log():
-    import logging
-
-    return logging.getLogger("dfbf")
-
-
-def _device(device: str | torch.device) -> torch.device:
-    from dfbf_cli.engine.runtime import resolve_device
-
-    return resolve_device(device) if isinstance(device, str) else device
-
-
-def _target(ratio: float | None, flops: float | None, **options) -> PruneSettings:
-    """The pruning target (a ratio or the GFLOPs to keep), validated once, here."""
-    if ratio is not None:
-        require_fraction("--ratio", ratio)
-    settings = PruneSettings(ratio, flops, **options)
-    settings.validate()
-    return settings
-
-
-def _synthetic_set(path: str | Path, teacher: ModelAdapter, *, minimum: int, what: str, allow_mismatch: bool = False,
-                   override: str | None = "--allow-teacher-mismatch") -> SyntheticDataset:
-    """A synthetic dataset read for ``what``: verified, made from ``teacher`` (or what it was pruned from), at least ``minimum`` images."""
-    from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
-
-    dataset = SyntheticDataset.open(Path(path))
-    dataset.verify()
-    dataset.check_teacher(teacher.fingerprint(), allow_mismatch=allow_mismatch, override=override, lineage=teacher.lineage())
-    if dataset.num_images < minimum:
-        raise DfbfError(f"{path} holds {dataset.num_images} image(s); {what} needs at least {minimum}.")
-    return dataset
 
 
 def synthesize(model: str, out: str | Path, *, weights: str | None = None, preset: PresetName = DEFAULT_PRESET, num_images: int | None = None,
@@ -98,7 +48,7 @@ def synthesize(model: str, out: str | Path, *, weights: str | None = None, prese
     from dfbf_cli.engine.runtime import resolve_precision
     from dfbf_cli.engine.synthesis import plan_synthesis, run_synthesis
 
-    where, out = _device(device), Path(out)
+    where, out = as_device(device), Path(out)
     chosen = PRESETS[preset]
     adapter = load_model(model, weights)
     check_outputs([Output("--out", out, Kind.DIRECTORY)], input_paths(model=model, weights=weights))
@@ -110,7 +60,7 @@ def synthesize(model: str, out: str | Path, *, weights: str | None = None, prese
     arithmetic = resolve_precision(precision, where)
     plan = plan_synthesis(adapter, out, num_images=num_images or chosen.num_images(size), imgsz=size, batch=batch, settings=settings, seed=seed,
                           precision=arithmetic)
-    _log().info("Synthesising %d image(s) at %d px from %s on %s (%s) into %s (%d already there).", sum(plan.shard_sizes),
+    dfbf_log().info("Synthesising %d image(s) at %d px from %s on %s (%s) into %s (%d already there).", sum(plan.shard_sizes),
                                    size, adapter.describe(), where, arithmetic, out, plan.dataset.num_images)
     return run_synthesis(adapter, plan, device=where, on_progress=on_progress)
 
@@ -143,8 +93,8 @@ def prune(model: str, *, ratio: float | None = None, flops: float | None = None,
     from dfbf_cli.engine.pruning import prune as prune_model
     from dfbf_cli.engine.reconstruct import refit_pruned
 
-    where = _device(device)
-    settings = _target(ratio, flops, scope=scope, allocation=allocation, criterion=criterion, schedule=schedule, min_channels=min_channels,
+    where = as_device(device)
+    settings = pruning_target(ratio, flops, scope=scope, allocation=allocation, criterion=criterion, schedule=schedule, min_channels=min_channels,
                        round_to=round_to)
     progressive = strategy == Strategy.PROGRESSIVE
     needs_images = reconstruct or progressive or (flops is not None and allocation == Allocation.SENSITIVITY)
@@ -166,7 +116,7 @@ def prune(model: str, *, ratio: float | None = None, flops: float | None = None,
         if synthetic is None:
             raise DfbfError("--reconstruct, --strategy progressive and --allocation sensitivity work on synthetic images: pass --synthetic DIR "
                             "(from 'dfbf synthesize').")
-        dataset = _synthetic_set(synthetic, original, minimum=1, what="pruning", override=None)
+        dataset = read_synthetic_set(synthetic, original, minimum=1, what="pruning", override=None)
         probe = dataset.probe(progressive_settings.probe_images)
         images = dataset.load()[0][: ReconstructSettings.images] if reconstruct else None
     keep = plan_keep(original, settings, imgsz=size, probe=probe, device=where, on_progress=on_progress)
@@ -206,10 +156,10 @@ def finetune(pruned: str, teacher: str, data: str | Path, *, out: str | Path | N
     from dfbf_cli.engine.finetune import finetune as distil
     from dfbf_cli.engine.runtime import resolve_precision
 
-    where = _device(device)
+    where = as_device(device)
     student = load_model(pruned, weights)
     original = load_model(teacher, teacher_weights, "--teacher-weights")
-    dataset = _synthetic_set(data, original, minimum=2, what="fine-tuning", allow_mismatch=allow_teacher_mismatch)
+    dataset = read_synthetic_set(data, original, minimum=2, what="fine-tuning", allow_mismatch=allow_teacher_mismatch)
     batch = settings.get("batch", FinetuneSettings.batch)
     if settings.get("epochs") is None:
         settings["epochs"] = PRESETS[DEFAULT_PRESET].epochs(dataset.num_images, batch, dataset.imgsz)
@@ -224,7 +174,7 @@ def finetune(pruned: str, teacher: str, data: str | Path, *, out: str | Path | N
     scope = scope or fitting_scope(student, original, dataset.imgsz)
     check_compatible(student, original, dataset.imgsz, scope)
     images, _ = dataset.load()
-    _log().info("Fine-tuning %d epoch(s) over %d image(s) at %d px on %s (%s), scope %s.", chosen.epochs, len(images), dataset.imgsz, where,
+    dfbf_log().info("Fine-tuning %d epoch(s) over %d image(s) at %d px on %s (%s), scope %s.", chosen.epochs, len(images), dataset.imgsz, where,
                 chosen.precision, scope)
     history = distil(student, original, images, settings=chosen, scope=scope, device=where, seed=seed, state_path=state_path, resume=resume,
                      data_id=dataset.content_id(), on_progress=on_progress)
@@ -234,103 +184,3 @@ def finetune(pruned: str, teacher: str, data: str | Path, *, out: str | Path | N
     return Finetuned(student, path, scope, chosen, history)
 
 
-@dataclass(frozen=True)
-class CompressRun:
-    """A finished :func:`compress` run: its run directory, report and verdict; ``model`` loads the compressed model."""
-
-    result: CompressResult
-
-    @property
-    def root(self) -> Path:
-        return self.result.run.root
-
-    @property
-    def report(self) -> dict:
-        return self.result.summary
-
-    @property
-    def gate_failure(self) -> str | None:
-        """Why ``max_drop`` failed (the CLI exits 1 with it), or None."""
-        return self.result.gate_failure
-
-    @cached_property
-    def model(self) -> ModelAdapter:
-        from dfbf_cli.adapters import load_model
-
-        return load_model(str(self.result.run.compressed))
-
-
-def compress(model: str, *, ratio: float | None = None, flops: float | None = None, weights: str | None = None, data: str | None = None,
-             out: str | Path | None = None, scope: Scope = DEFAULT_SCOPE, allocation: Allocation = Allocation.UNIFORM, rounds: int = 1,
-             reconstruct: bool = False, synthetic: str | Path | None = None, preset: PresetName = DEFAULT_PRESET, max_drop: float | None = None,
-             criterion: Criterion = Criterion.L1, schedule: Schedule = Schedule.UNIFORM, strategy: Strategy = Strategy.ONESHOT,
-             num_images: int | None = None, epochs: int | None = None, imgsz: int | None = None, export: ExportFormat | None = None,
-             int8: bool = False, allow_teacher_mismatch: bool = False, device: str | torch.device = "auto", precision: Precision = Precision.AUTO,
-             seed: int = 0, on_progress: ProgressCallback = ignore) -> CompressRun:
-    """Synthesize → prune → fine-tune → evaluate ``model`` in one resumable run directory (``out``)."""
-    from dfbf_cli.adapters import load_data, load_model
-    from dfbf_cli.engine.compress import compress as run_compress
-    from dfbf_cli.engine.compress import plan_compress
-    from dfbf_cli.engine.runtime import resolve_precision
-
-    where = _device(device)
-    settings = _target(ratio, flops, scope=scope, allocation=allocation, criterion=criterion, schedule=schedule)
-    eval_data = load_data(data) if data else None
-    original = load_model(model, weights)
-    plan = plan_compress(
-        original, model_spec=model, prune_settings=settings, strategy=strategy, rounds=rounds,
-        reconstruct_settings=ReconstructSettings() if reconstruct else None, preset=preset,
-        finetune_settings=FinetuneSettings(precision=resolve_precision(precision, where)), epochs=epochs, num_images=num_images, export=export,
-        int8=int8, imgsz=imgsz, synthetic=None if synthetic is None else Path(synthetic), allow_teacher_mismatch=allow_teacher_mismatch,
-        eval_data=eval_data, max_drop=max_drop, out=None if out is None else Path(out), seed=seed, device=where,
-        inputs=input_paths(model=model, weights=weights, synthetic=synthetic, data=data),
-    )
-    return CompressRun(run_compress(plan, on_progress=on_progress))
-
-
-@dataclass(frozen=True)
-class Exported:
-    """What :func:`export` wrote: the folder or file, and its record (format, precision, calibration, INT8 recipe and agreement)."""
-
-    path: Path
-    record: dict
-
-
-def export(model: str, fmt: ExportFormat, *, weights: str | None = None, int8: bool = False, synthetic: str | Path | None = None,
-           recipe: Int8Recipe = Int8Recipe.AUTO, imgsz: int | None = None, out: str | Path | None = None, allow_teacher_mismatch: bool = False,
-           device: str | torch.device = "auto", seed: int = 0, on_progress: ProgressCallback = ignore) -> Exported:
-    """``model`` in OpenVINO or ONNX, INT8 calibrated on synthetic images (``synthetic``, else a small set made beside the export)."""
-    from dfbf_cli.adapters import load_model
-    from dfbf_cli.engine.efficiency import check_imgsz
-    from dfbf_cli.engine.export import calibration_path, check_target, default_path, make_calibration_set
-    from dfbf_cli.engine.export import export as write_export
-    from dfbf_cli.export_record import check_packages
-    from dfbf_cli.settings import CALIBRATION_SET_IMAGES
-
-    log, where, fmt = _log(), _device(device), ExportFormat(fmt)
-    if synthetic is not None and not int8:
-        raise DfbfError("--synthetic is read for INT8 calibration only; add --int8 or leave it out.")
-    if recipe != Int8Recipe.AUTO and not (int8 and fmt == ExportFormat.OPENVINO):
-        raise DfbfError("--int8-recipe chooses how NNCF quantises an OpenVINO export: it needs --int8 --format openvino.")
-    check_packages(fmt)
-    adapter = load_model(model, weights)
-    size = imgsz or adapter.input_spec.imgsz
-    check_imgsz(adapter, size, 1, where, training=False)
-    path = Path(out) if out is not None else default_path(adapter.stem, fmt, int8)
-    made = calibration_path(path, adapter.stem, size) if int8 and synthetic is None else None
-    check_outputs([Output("--out", path, Kind.DIRECTORY if fmt == ExportFormat.OPENVINO else Kind.FILE)]
-                  + ([Output("the calibration set", made, Kind.DIRECTORY)] if made else []),
-                  input_paths(model=model, weights=weights, synthetic=synthetic))
-    adapter.check_export_path(path, fmt)
-    check_target(path)
-    dataset = None
-    if made is not None:
-        log.info("No --synthetic given: synthesising %d calibration images at %d px into %s on %s (kept: the next export of this model at "
-                 "this size reuses them).", CALIBRATION_SET_IMAGES, size, made, where)
-        dataset = make_calibration_set(adapter, made, imgsz=size, device=where, seed=seed, on_progress=on_progress)
-    elif synthetic is not None:
-        dataset = _synthetic_set(synthetic, adapter, minimum=1, what="INT8 calibration", allow_mismatch=allow_teacher_mismatch)
-    log.info("Exporting %s to %s%s at %d px%s", adapter.describe(), fmt, " INT8" if int8 else "", size,
-             f", calibrated on synthetic images from {dataset.root}." if dataset else ".")
-    record = write_export(adapter, fmt, path, imgsz=size, calibration=dataset, recipe=recipe, on_progress=on_progress)
-    return Exported(path, record)
