@@ -92,7 +92,7 @@ def own_set(model: list[str], stem: str, folder: Path) -> tuple[SyntheticDataset
     start = time.perf_counter()
     dfbf("export", *model, "--format", "openvino", "--int8", "--device", "cpu", "--out", str(folder / f"{stem}_int8_openvino_model"), "-q")
     seconds = time.perf_counter() - start
-    return SyntheticDataset.open(next(folder.glob("*-synthetic-*px"))), seconds
+    return SyntheticDataset.open(next(folder.glob("*-synthetic-*px*"))), seconds
 
 
 def gaussian_noise(like: torch.Tensor) -> torch.Tensor:

@@ -37,3 +37,14 @@ def test_a_mistake_raises_the_sentence_the_cli_prints(run_cli, random_r20):
         dfbf.compress(random_r20[0], weights=random_r20[2], ratio=1.5)
     cli = run_cli("compress", *random_r20, "--ratio", "1.5", "--device", "cpu", "-q")
     assert cli.code == 2 and str(raised.value) in cli.stderr.replace("\n", " ")
+
+
+@pytest.mark.parametrize(("call", "option"), [
+    (lambda model: dfbf.prune(model, ratio=0.3, strategy="progresive"), "--strategy"),
+    (lambda model: dfbf.export(model, "openvino", int8=True, recipe="outputs_fp"), "--int8-recipe"),
+    (lambda model: dfbf.compress(model, ratio=0.3, preset="quik"), "--preset"),
+    (lambda model: dfbf.evaluate([model], "data.npz", batch=0), "--batch"),
+])
+def test_a_string_or_number_the_cli_would_refuse_is_refused_from_python_too(call, option):
+    with pytest.raises(dfbf.DfbfError, match=option):
+        call("cifar-resnet20")

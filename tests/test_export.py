@@ -112,7 +112,7 @@ def test_int8_without_synthetic_makes_its_own_calibration_set_and_reuses_it(run_
     monkeypatch.setattr(engine_export, "CALIBRATION_SET_IMAGES", 8)  # the real 32 take longer, nothing else differs
     monkeypatch.chdir(tmp_path)
     made = _json(run_cli("export", *random_r20, "--format", "onnx", "--int8", "--json", *QUIET))
-    own = tmp_path / "r20-random-synthetic-32px"
+    (own,) = tmp_path.glob("r20-random-*-synthetic-32px")
     dataset = SyntheticDataset.open(own)
     assert dataset.num_images == 8 and dataset.manifest["imgsz"] == 32 and (tmp_path / made["calibration"]["synthetic"]).resolve() == own.resolve()
     assert made["calibration"]["images"] == 6 and made["int8_recipe"]["held_out_images"] == 2

@@ -60,6 +60,8 @@ def _decode_ops(model) -> list[str]:
     if not sigmoids:  # a classifier: no decode
         return []
     head = sigmoids[-1].split("/", 1)[0]
+    if not head:  # names not in the PyTorch frontend's "module/op" form: keep only the sigmoids rather than everything
+        return sigmoids
     return [name for op in operations
             if op.get_type_name() == "Sigmoid" or (name := op.get_friendly_name()).startswith((f"{head}/", f"{head}.dfl"))]
 

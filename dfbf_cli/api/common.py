@@ -2,17 +2,20 @@
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from dfbf_cli.errors import DfbfError
-from dfbf_cli.settings import PruneSettings, require_fraction
+from dfbf_cli.settings import Allocation, Criterion, PruneSettings, Schedule, Scope, require_fraction
 
 if TYPE_CHECKING:
     import torch
 
     from dfbf_cli.contract import ModelAdapter
     from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
+
+E = TypeVar("E", bound=Enum)
 
 
 def dfbf_log():
@@ -29,23 +32,41 @@ def as_device(device: str | torch.device) -> torch.device:
     return resolve_device(device) if isinstance(device, str) else device
 
 
+def choice(kind: type[E], value: E | str, option: str) -> E:
+    """``value`` as the Enum ``kind`` (a script may pass the string the CLI takes); anything else is a user mistake."""
+    try:
+        return kind(value)
+    except ValueError:
+        raise DfbfError(f"{option} {value!r} is not one of {', '.join(str(v) for v in kind)}.") from None
+
+
+def at_least(option: str, value: int | None, low: int) -> None:
+    """The numeric floor the CLI's options enforce, for callers from Python."""
+    if value is not None and value < low:
+        raise DfbfError(f"{option} must be at least {low}, got {value}.")
+
+
 def pruning_target(ratio: float | None, flops: float | None, **options) -> PruneSettings:
     """The pruning target (a ratio or the GFLOPs to keep), validated once, here."""
     if ratio is not None:
         require_fraction("--ratio", ratio)
+    kinds = {"scope": Scope, "allocation": Allocation, "criterion": Criterion, "schedule": Schedule}
+    options = {name: choice(kinds[name], value, f"--{name}") if name in kinds else value for name, value in options.items()}
     settings = PruneSettings(ratio, flops, **options)
     settings.validate()
     return settings
 
 
 def read_synthetic_set(path: str | Path, teacher: ModelAdapter, *, minimum: int, what: str, allow_mismatch: bool = False,
-                       override: str | None = "--allow-teacher-mismatch") -> SyntheticDataset:
-    """A synthetic dataset read for ``what``: verified, made from ``teacher`` (or what it was pruned from), at least ``minimum`` images."""
+                       override: str | None = "--allow-teacher-mismatch", lineage: bool = False) -> SyntheticDataset:
+    """A synthetic dataset read for ``what``: verified, made from ``teacher`` (with ``lineage``, also from the original it
+    was pruned from), at least ``minimum`` images."""
     from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
 
     dataset = SyntheticDataset.open(Path(path))
     dataset.verify()
-    dataset.check_teacher(teacher.fingerprint(), allow_mismatch=allow_mismatch, override=override, lineage=teacher.lineage())
+    dataset.check_teacher(teacher.fingerprint(), allow_mismatch=allow_mismatch, override=override,
+                          lineage=teacher.lineage() if lineage else None)
     if dataset.num_images < minimum:
         raise DfbfError(f"{path} holds {dataset.num_images} image(s); {what} needs at least {minimum}.")
     return dataset

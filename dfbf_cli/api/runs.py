@@ -7,7 +7,7 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dfbf_cli.api.common import as_device, dfbf_log, pruning_target, read_synthetic_set
+from dfbf_cli.api.common import as_device, at_least, choice, dfbf_log, pruning_target, read_synthetic_set
 from dfbf_cli.engine.progress import ProgressCallback, ignore
 from dfbf_cli.errors import DfbfError, refuse_unused
 from dfbf_cli.files import Kind, Output, check_outputs, input_paths
@@ -78,6 +78,9 @@ def compress(model: str, *, ratio: float | None = None, flops: float | None = No
 
     where = as_device(device)
     settings = pruning_target(ratio, flops, scope=scope, allocation=allocation, criterion=criterion, schedule=schedule)
+    preset, strategy, precision = choice(PresetName, preset, "--preset"), choice(Strategy, strategy, "--strategy"), choice(Precision, precision, "--precision")
+    export = None if export is None else choice(ExportFormat, export, "--export")
+    at_least("--imgsz", imgsz, 8), at_least("--num-images", num_images, 2), at_least("--epochs", epochs, 1)
     eval_data = load_data(data) if data else None
     original = load_model(model, weights)
     plan = plan_compress(
@@ -98,7 +101,7 @@ class Evaluation:
 
     reports: list[ModelReport]
     metric: Metric
-    verdicts: dict[str, Verdict]
+    verdicts: list[tuple[str, Verdict]]
 
 
 def evaluate(models: list[str], data: str, *, weights: str | None = None, teacher: str | None = None, teacher_weights: str | None = None,
@@ -109,9 +112,10 @@ def evaluate(models: list[str], data: str, *, weights: str | None = None, teache
     from dfbf_cli.adapters import load_data, load_model
     from dfbf_cli.contract import ImageFolder
     from dfbf_cli.engine.efficiency import check_imgsz
-    from dfbf_cli.engine.evaluate import Candidate, check_evaluation, evaluate_models, free_alternative, watched_metric
+    from dfbf_cli.engine.evaluate import Candidate, Verdict, check_evaluation, evaluate_models, free_alternative, watched_metric
 
     where = as_device(device)
+    at_least("--imgsz", imgsz, 8), at_least("--batch", batch, 1), at_least("--latency-runs", latency_runs, 1)
     if weights and len(models) > 1:
         raise DfbfError("--weights applies to a single MODEL; evaluate models with different weights one by one.")
     refuse_unused(teacher_weights=(teacher_weights is not None and teacher is None, "applies to a --teacher."))
@@ -136,7 +140,7 @@ def evaluate(models: list[str], data: str, *, weights: str | None = None, teache
     reports = evaluate_models(candidates, eval_data, teacher=teacher_model, batch=batch, device=where, latency_runs=latency_runs,
                               robustness=robustness, on_progress=on_progress)
     metric = watched_metric(adapters[0], eval_data)
-    return Evaluation(reports, metric, {candidates[i].label: Verdict.of(metric, reports[i], reports[b]) for i, b in comparisons})
+    return Evaluation(reports, metric, [(candidates[i].label, Verdict.of(metric, reports[i], reports[b])) for i, b in comparisons])
 
 
 @dataclass(frozen=True)
@@ -151,14 +155,18 @@ def export(model: str, fmt: ExportFormat, *, weights: str | None = None, int8: b
            recipe: Int8Recipe = Int8Recipe.AUTO, imgsz: int | None = None, out: str | Path | None = None, allow_teacher_mismatch: bool = False,
            device: str | torch.device = "auto", seed: int = 0, on_progress: ProgressCallback = ignore) -> Exported:
     """``model`` in OpenVINO or ONNX, INT8 calibrated on synthetic images (``synthetic``, else a small set made beside the export)."""
+    import torch
+
     from dfbf_cli.adapters import load_model
     from dfbf_cli.engine.efficiency import check_imgsz
     from dfbf_cli.engine.export import calibration_path, check_target, default_path, make_calibration_set
     from dfbf_cli.engine.export import export as write_export
     from dfbf_cli.export_record import check_packages
-    from dfbf_cli.settings import CALIBRATION_SET_IMAGES
+    from dfbf_cli.settings import CALIBRATION_SET_BATCH, CALIBRATION_SET_IMAGES
 
-    log, where, fmt = dfbf_log(), as_device(device), ExportFormat(fmt)
+    log, fmt, recipe = dfbf_log(), choice(ExportFormat, fmt, "--format"), choice(Int8Recipe, recipe, "--int8-recipe")
+    at_least("--imgsz", imgsz, 8)
+    refuse_unused(allow_teacher_mismatch=(allow_teacher_mismatch and synthetic is None, "applies to a --synthetic dataset."))
     if synthetic is not None and not int8:
         raise DfbfError("--synthetic is read for INT8 calibration only; add --int8 or leave it out.")
     if recipe != Int8Recipe.AUTO and not (int8 and fmt == ExportFormat.OPENVINO):
@@ -166,9 +174,12 @@ def export(model: str, fmt: ExportFormat, *, weights: str | None = None, int8: b
     check_packages(fmt)
     adapter = load_model(model, weights)
     size = imgsz or adapter.input_spec.imgsz
-    check_imgsz(adapter, size, 1, where, training=False)
+    check_imgsz(adapter, size, 1, torch.device("cpu"), training=False)  # the export runs on the CPU
     path = Path(out) if out is not None else default_path(adapter.stem, fmt, int8)
-    made = calibration_path(path, adapter.stem, size) if int8 and synthetic is None else None
+    made = calibration_path(path, adapter, size, seed) if int8 and synthetic is None else None
+    where = as_device(device) if made is not None else None  # only the calibration set is computed anywhere else
+    if made is not None:
+        check_imgsz(adapter, size, CALIBRATION_SET_BATCH, where, training=True)
     check_outputs([Output("--out", path, Kind.DIRECTORY if fmt == ExportFormat.OPENVINO else Kind.FILE)]
                   + ([Output("the calibration set", made, Kind.DIRECTORY)] if made else []),
                   input_paths(model=model, weights=weights, synthetic=synthetic))
@@ -180,8 +191,9 @@ def export(model: str, fmt: ExportFormat, *, weights: str | None = None, int8: b
                  "this size reuses them).", CALIBRATION_SET_IMAGES, size, made, where)
         dataset = make_calibration_set(adapter, made, imgsz=size, device=where, seed=seed, on_progress=on_progress)
     elif synthetic is not None:
-        dataset = read_synthetic_set(synthetic, adapter, minimum=1, what="INT8 calibration", allow_mismatch=allow_teacher_mismatch)
+        dataset = read_synthetic_set(synthetic, adapter, minimum=1, what="INT8 calibration", allow_mismatch=allow_teacher_mismatch, lineage=True)
     log.info("Exporting %s to %s%s at %d px%s", adapter.describe(), fmt, " INT8" if int8 else "", size,
-             f", calibrated on synthetic images from {dataset.root}." if dataset else ".")
+             f", calibrated on {dataset.num_images} synthetic image(s) from {dataset.root} (a quarter held out to measure agreement)."
+             if dataset else ".")
     record = write_export(adapter, fmt, path, imgsz=size, calibration=dataset, recipe=recipe, on_progress=on_progress)
     return Exported(path, record)

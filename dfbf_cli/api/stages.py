@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from dfbf_cli.api.common import as_device, dfbf_log, pruning_target, read_synthetic_set
+from dfbf_cli.api.common import as_device, at_least, choice, dfbf_log, pruning_target, read_synthetic_set
 from dfbf_cli.engine.progress import ProgressCallback, ignore
 from dfbf_cli.errors import DfbfError, refuse_unused
 from dfbf_cli.files import Kind, Output, check_outputs, input_paths
@@ -49,7 +49,8 @@ def synthesize(model: str, out: str | Path, *, weights: str | None = None, prese
     from dfbf_cli.engine.synthesis import plan_synthesis, run_synthesis
 
     where, out = as_device(device), Path(out)
-    chosen = PRESETS[preset]
+    chosen, precision = PRESETS[choice(PresetName, preset, "--preset")], choice(Precision, precision, "--precision")
+    at_least("--imgsz", imgsz, 8), at_least("--num-images", num_images, 2), at_least("--batch", batch, 2)
     adapter = load_model(model, weights)
     check_outputs([Output("--out", out, Kind.DIRECTORY)], input_paths(model=model, weights=weights))
     size = imgsz or chosen.imgsz(adapter.input_spec.imgsz)
@@ -60,8 +61,8 @@ def synthesize(model: str, out: str | Path, *, weights: str | None = None, prese
     arithmetic = resolve_precision(precision, where)
     plan = plan_synthesis(adapter, out, num_images=num_images or chosen.num_images(size), imgsz=size, batch=batch, settings=settings, seed=seed,
                           precision=arithmetic)
-    dfbf_log().info("Synthesising %d image(s) at %d px from %s on %s (%s) into %s (%d already there).", sum(plan.shard_sizes),
-                                   size, adapter.describe(), where, arithmetic, out, plan.dataset.num_images)
+    dfbf_log().info("Synthesising %d image(s) at %d px from %s on %s (%s) into %s (%d already there).", sum(plan.shard_sizes), size,
+                    adapter.describe(), where, arithmetic, out, plan.dataset.num_images)
     return run_synthesis(adapter, plan, device=where, on_progress=on_progress)
 
 
@@ -93,9 +94,10 @@ def prune(model: str, *, ratio: float | None = None, flops: float | None = None,
     from dfbf_cli.engine.pruning import prune as prune_model
     from dfbf_cli.engine.reconstruct import refit_pruned
 
-    where = as_device(device)
+    where, strategy = as_device(device), choice(Strategy, strategy, "--strategy")
     settings = pruning_target(ratio, flops, scope=scope, allocation=allocation, criterion=criterion, schedule=schedule, min_channels=min_channels,
-                       round_to=round_to)
+                              round_to=round_to)
+    at_least("--imgsz", imgsz, 8), at_least("--latency-runs", latency_runs, 1), at_least("--steps", steps, 1)
     progressive = strategy == Strategy.PROGRESSIVE
     needs_images = reconstruct or progressive or (flops is not None and allocation == Allocation.SENSITIVITY)
     refuse_unused(steps=(steps is not None and not progressive, "applies to --strategy progressive."),
@@ -156,16 +158,20 @@ def finetune(pruned: str, teacher: str, data: str | Path, *, out: str | Path | N
     from dfbf_cli.engine.finetune import finetune as distil
     from dfbf_cli.engine.runtime import resolve_precision
 
-    where = as_device(device)
+    where, precision = as_device(device), choice(Precision, precision, "--precision")
+    scope = None if scope is None else choice(Scope, scope, "--scope")
+    unknown = set(settings) - {f.name for f in fields(FinetuneSettings)} | ({"precision"} & set(settings))
+    if unknown:
+        raise DfbfError(f"finetune() takes no setting {', '.join(sorted(unknown))}; see FinetuneSettings.")
+    batch = settings.get("batch", FinetuneSettings.batch)
+    FinetuneSettings(**{**settings, "epochs": settings.get("epochs") or 1}).validate()  # the options first, before any model is read
+    check_batch_split(batch)
     student = load_model(pruned, weights)
     original = load_model(teacher, teacher_weights, "--teacher-weights")
     dataset = read_synthetic_set(data, original, minimum=2, what="fine-tuning", allow_mismatch=allow_teacher_mismatch)
-    batch = settings.get("batch", FinetuneSettings.batch)
     if settings.get("epochs") is None:
         settings["epochs"] = PRESETS[DEFAULT_PRESET].epochs(dataset.num_images, batch, dataset.imgsz)
     chosen = FinetuneSettings(**settings, precision=resolve_precision(precision, where))  # the record says bf16 or fp32, not auto
-    chosen.validate()
-    check_batch_split(batch)
     path = student.output_path(None if out is None else Path(out), "finetuned")
     state_path = path.with_name(f"{path.stem}.finetune-state.pt")
     check_outputs([Output("--out", path), Output("the fine-tuning checkpoint", state_path)],

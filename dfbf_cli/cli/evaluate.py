@@ -54,7 +54,7 @@ def eval_command(
             done = evaluate(models, data, weights=weights, teacher=teacher, teacher_weights=teacher_weights, imgsz=imgsz, batch=batch,
                             latency_runs=latency_runs, robustness=robustness, baseline=baseline, device=ctx.device, on_progress=show)
         ctx.results.print(report_table(done.reports, f"dfbf eval · {data}", done.metric))
-        for label, verdict in done.verdicts.items():
+        for label, verdict in done.verdicts:
             ctx.results.print(f"{label}: {verdict.sentence()}", highlight=False, soft_wrap=True, markup=False)
         ctx.emit({"command": "eval", "data": data, "device": str(ctx.device), "models": [r.to_dict() for r in done.reports],
-                  "free_alternative": [{"model": label, **v.to_dict()} for label, v in done.verdicts.items()]})
+                  "free_alternative": [{"model": label, **v.to_dict()} for label, v in done.verdicts]})

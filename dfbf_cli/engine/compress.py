@@ -341,7 +341,8 @@ def _run_stages(plan: CompressPlan, on_progress: ProgressCallback) -> CompressRe
         target = run.exported(plan.export, plan.int8)
         if not target.exists():
             log.info("Exporting the compressed model to %s%s.", plan.export, " INT8, calibrated on the synthetic images" if plan.int8 else "")
-            export_model(compressed, plan.export, target, imgsz=original.input_spec.imgsz, calibration=dataset if plan.int8 else None)
+            export_model(compressed, plan.export, target, imgsz=original.input_spec.imgsz, calibration=dataset if plan.int8 else None,
+                         on_progress=on_progress)
         exported = compressed.load_export(target)
     stages = [("pruned", pruned)] + ([("reconstructed", start)] if plan.reconstruct else []) + [("compressed", compressed)]
     fidelity = {stage: feature_gap(model, original, holdout, scope=plan.prune.scope, device=plan.device) for stage, model in stages}

@@ -53,10 +53,11 @@ def calibration_images(dataset: SyntheticDataset, limit: int = CALIBRATION_IMAGE
     return images
 
 
-def calibration_path(out: Path, stem: str, imgsz: int) -> Path:
-    """Where ``dfbf export --int8`` keeps the calibration set it makes: beside the export, named by model and
-    size, so that the next export of the same model at that size reuses it."""
-    return out.parent / f"{stem}-synthetic-{imgsz}px"
+def calibration_path(out: Path, adapter: ModelAdapter, imgsz: int, seed: int) -> Path:
+    """Where ``dfbf export --int8`` keeps the calibration set it makes: beside the export, named by the model (its
+    name and a short fingerprint: two models called compressed.pt do not share one), the size and a non-zero seed,
+    so that the next export of the same model at that size reuses it."""
+    return out.parent / f"{adapter.stem}-{adapter.fingerprint()[:8]}-synthetic-{imgsz}px{f'-seed{seed}' if seed else ''}"
 
 
 def make_calibration_set(adapter: ModelAdapter, folder: Path, *, imgsz: int, device: torch.device, seed: int,
@@ -116,22 +117,32 @@ def _quantise(adapter: ModelAdapter, fmt: ExportFormat, folder: Path, images: to
     """The INT8 export by ``recipe``; for AUTO, by each candidate recipe the format offers, the one whose outputs agree
     best with ``adapter``'s own on held-out synthetic images. Returns it and what was chosen and measured."""
     calibration, held_out = held_out_split(images)
-    recipes = [recipe] if recipe != Int8Recipe.AUTO else list(INT8_CANDIDATES if fmt == ExportFormat.OPENVINO and len(held_out) else INT8_CANDIDATES[:1])
+    openvino = fmt == ExportFormat.OPENVINO
+    recipes = [recipe] if recipe != Int8Recipe.AUTO else list(INT8_CANDIDATES if openvino and len(held_out) else INT8_CANDIDATES[:1])
     pictures = _pictures(folder / "held-out", held_out)
-    metric = adapter.primary_metric().agreement().name
-    trials: list[tuple[Int8Recipe, Artefact, dict[str, float]]] = []
+    metric = adapter.primary_metric().agreement()
+    sign = 1.0 if metric.higher_is_better else -1.0
+    trials: list[tuple[str, Artefact, dict[str, float]]] = []
+    failed: dict[str, str] = {}
     for done, candidate in enumerate(recipes):
         on_progress(ProgressEvent("INT8 recipes", done, len(recipes), {"trying": str(candidate)}))
-        artefact = adapter.export(folder / str(candidate), fmt, imgsz=imgsz, calibration=calibration, recipe=candidate)
+        name = str(candidate) if openvino else str(fmt)  # ONNX INT8 has one recipe: its runtime's
+        try:
+            artefact = adapter.export(folder / str(candidate), fmt, imgsz=imgsz, calibration=calibration, recipe=candidate)
+        except Exception as error:  # an optional recipe that NNCF cannot apply to this graph: the others still serve
+            if done == 0:
+                raise
+            failed[name] = str(error).splitlines()[0] if str(error) else type(error).__name__
+            continue
         write_record(artefact.path, record)  # reading an export back needs its record
         scores = {} if pictures is None else adapter.load_export(artefact.path).agreement(adapter, pictures, imgsz=imgsz, batch=1,
                                                                                           device=torch.device("cpu"))
-        trials.append((candidate, artefact, scores))
+        trials.append((name, artefact, scores))
     on_progress(ProgressEvent("INT8 recipes", len(recipes), len(recipes)))
-    chosen, artefact, _ = max(trials, key=lambda t: (t[2].get(metric, 0.0), -t[2].get("agreement_kl", 0.0)))  # the first of equals
-    return artefact, {"recipe": str(chosen) if fmt == ExportFormat.OPENVINO else None, "kept_fp": list(artefact.kept_fp),
-                      "held_out_images": len(held_out), "calibration_images": len(calibration),
-                      "agreement_metric": metric, "agreement": {str(r): scores for r, _, scores in trials}}
+    chosen, artefact, _ = max(trials, key=lambda t: (sign * t[2].get(metric.name, 0.0), -t[2].get("agreement_kl", 0.0)))  # the first of equals
+    return artefact, {"recipe": chosen if openvino else None, "kept_fp": list(artefact.kept_fp), "held_out_images": len(held_out),
+                      "calibration_images": len(calibration), "agreement_metric": metric.name,
+                      "agreement": {name: scores for name, _, scores in trials}, **({"failed": failed} if failed else {})}
 
 
 def _pictures(folder: Path, images: torch.Tensor) -> ImageFolder | None:

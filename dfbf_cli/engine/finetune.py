@@ -158,8 +158,8 @@ def _load_state(state_path: Path, identity: dict) -> dict:
 
 class Distillation:
     """One fine-tuning run, in the order it happens: set up (models, optimiser, generator, the renewed pool),
-    :meth:`resume` from an interrupted run's checkpoint, :meth:`epoch` after epoch each followed by
-    :meth:`checkpoint`, and :meth:`finish` (the teacher's head reattached)."""
+    :meth:`resume` from an interrupted run's checkpoint, :meth:`distribute` under torchrun, :meth:`epoch` after
+    epoch each followed by :meth:`checkpoint`, and :meth:`finish` (the teacher's head reattached)."""
 
     def __init__(self, student: ModelAdapter, teacher: ModelAdapter, images: torch.Tensor, *, settings: FinetuneSettings, scope: Scope,
                  device: torch.device, seed: int, state_path: Path, data_id: str):
@@ -190,8 +190,7 @@ class Distillation:
         self.trained: nn.Module = self.s_split.backbone
 
     def resume(self, allowed: bool) -> None:
-        """Continue from the checkpoint at ``state_path`` if there is one (only when ``allowed``); then, under
-        torchrun, wrap the student so that gradients are averaged over the ranks."""
+        """Continue from the checkpoint at ``state_path`` if there is one (only when ``allowed``)."""
         if self.state_path.exists():
             if not allowed:
                 raise DfbfError(f"{self.state_path} holds an interrupted fine-tuning run: pass --resume to continue it, or delete it.")
@@ -202,6 +201,9 @@ class Distillation:
             self.history, self.start_epoch = [EpochRecord(**r) for r in state["history"]], state["epoch"]
             if self.pool is not None:
                 self.pool.images = state["pool"]
+
+    def distribute(self) -> None:
+        """Under torchrun, wrap the student (once its weights are final for the start) so that gradients are averaged over the ranks."""
         if current().distributed:  # the same steps as one process with the whole batch
             from torch.nn.parallel import DistributedDataParallel
 
@@ -280,6 +282,7 @@ def finetune(
     (its BatchNorm statistics are its own share's), rank 0 writes the checkpoint."""
     run = Distillation(student, teacher, images, settings=settings, scope=scope, device=device, seed=seed, state_path=state_path, data_id=data_id)
     run.resume(resume)
+    run.distribute()
     with FeatureTaps(student.model, run.taps) as s_taps, FeatureTaps(teacher.model, run.taps) as t_taps:
         for epoch in range(run.start_epoch, settings.epochs):
             run.checkpoint(run.epoch(epoch, (s_taps, t_taps), on_progress))
