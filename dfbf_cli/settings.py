@@ -169,9 +169,10 @@ class PruneSettings:
     min_channels: int = 8
     round_to: int = 1
 
-    def keep_count(self, size: int) -> int:
-        """Channels a group of ``size`` keeps under ``ratio``: rounded, never below the floor."""
-        ratio = self.ratio * (reference_layer_factor(size) if self.schedule == Schedule.LAYER_DEPENDENT else 1.0)
+    def keep_count(self, size: int, ratio: float | None = None) -> int:
+        """Channels a group of ``size`` keeps when ``ratio`` of them go (default: the target's ``ratio``; a GFLOPs
+        target passes the ratio it solved for): rounded, never below the floor."""
+        ratio = (self.ratio if ratio is None else ratio) * (reference_layer_factor(size) if self.schedule == Schedule.LAYER_DEPENDENT else 1.0)
         keep = size - math.floor(size * min(ratio, MAX_GROUP_RATIO))
         if keep < size and self.round_to > 1:
             keep = max(self.round_to, round(keep / self.round_to) * self.round_to)

@@ -13,7 +13,7 @@ import math
 import statistics
 from collections import defaultdict
 from collections.abc import Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -120,7 +120,7 @@ def _floor(group: ChannelGroup, settings: PruneSettings) -> int:
 
 def weighted_keep(groups: list[ChannelGroup], ratio: float, settings: PruneSettings, weights: dict[str, float]) -> dict[str, int]:
     """Each group pruned at ``ratio`` times its weight (1 for all: a uniform ratio)."""
-    return {g.name: replace(settings, ratio=min(ratio * weights.get(g.name, 1.0), MAX_GROUP_RATIO)).keep_count(g.size) for g in groups}
+    return {g.name: settings.keep_count(g.size, min(ratio * weights.get(g.name, 1.0), MAX_GROUP_RATIO)) for g in groups}
 
 
 def solve_ratio(groups: list[ChannelGroup], flops: FlopModel, budget: float, settings: PruneSettings, weights: dict[str, float]) -> dict[str, int]:
@@ -159,7 +159,7 @@ def group_costs(
     to the original on synthetic images, per GFLOP saved (groups that cannot shrink are left out)."""
     costs = {}
     for index, group in enumerate(groups):
-        keep = max(_floor(group, settings), replace(settings, ratio=SENSITIVITY_RATIO).keep_count(group.size))
+        keep = max(_floor(group, settings), settings.keep_count(group.size, SENSITIVITY_RATIO))
         saved = flops.gflops({}) - flops.gflops({group.name: keep})
         if keep < group.size and saved > 0:
             alone = cut(adapter, groups, {group.name: keep}, settings.criterion)
