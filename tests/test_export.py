@@ -156,6 +156,24 @@ def test_compress_exports_the_compressed_model_and_scores_it_beside_the_others(r
     assert list(report["models"]) == ["original", "pruned", "compressed", "compressed INT8 onnx"]
 
 
+@pytest.mark.slow
+def test_compress_int8_calibrates_at_the_export_size(run_cli, tmp_path, random_pose, monkeypatch):
+    import dfbf_cli.engine.export as engine_export
+    from dfbf_cli.settings import SynthesisSettings
+
+    monkeypatch.setattr(engine_export, "CALIBRATION_SET_IMAGES", 4)  # the real 32 images and 75 steps take longer, nothing else differs
+    monkeypatch.setattr(engine_export, "CALIBRATION_SYNTHESIS", SynthesisSettings(low_res_iterations=0, iterations=1))
+    model, _ = random_pose
+    run = tmp_path / "run"
+    _json(run_cli("compress", model, "--ratio", "0.3", "--preset", "quick", "--num-images", "4", "--imgsz", "32", "--epochs", "1",
+                  "--export", "openvino", "--int8", "--out", run, "--json", *QUIET))
+    assert SyntheticDataset.open(run / "synthetic").manifest["imgsz"] == 32
+    calibration = SyntheticDataset.open(run / "calibration")
+    assert calibration.manifest["imgsz"] == 64 and calibration.num_images == 4  # the model's (and the export's) size
+    record = json.loads((run / "compressed_int8_openvino_model" / "dfbf.json").read_text())
+    assert record["imgsz"] == 64 and record["calibration"]["synthetic"] == str(run / "calibration")
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [

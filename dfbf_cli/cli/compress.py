@@ -59,7 +59,8 @@ def compress_command(
         "\\[default: the model's, capped by the preset].")] = None,
     export: Annotated[ExportFormat | None, typer.Option("--export", help="Last stage: export the compressed model to openvino or onnx "
                                                          "(needs the export extra), scored beside the others.", show_default=False)] = None,
-    int8: Annotated[bool, typer.Option("--int8", help="With --export: INT8, calibrated on the run's synthetic images.")] = False,
+    int8: Annotated[bool, typer.Option("--int8", help="With --export: INT8, calibrated on synthetic images at the export's size "
+        "(the run's, or 32 made for it), the recipe chosen as 'dfbf export' chooses it.")] = False,
     allow_teacher_mismatch: Annotated[bool, typer.Option("--allow-teacher-mismatch", help="Use a --synthetic dataset made from another model than "
         "MODEL.")] = False,
     weights: WeightsOption = None,

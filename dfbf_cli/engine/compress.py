@@ -15,6 +15,7 @@ command after an interruption continues where it stopped. The run directory::
     RUN/finetune-state[-k].pt  round k's fine-tuning checkpoint (only while unfinished)
     RUN/finetune-history.json  the loss per epoch (written before each round's model)
     RUN/compressed<ext>        the final model
+    RUN/calibration/           with --int8: synthetic images at the export's input size, when the run's are smaller
     RUN/compressed[_int8]_openvino_model/ or compressed[-int8].onnx   with --export: the final model, exported
     RUN/report.json|md|png     original / pruned / compressed (and the free alternative), loss curve
 """
@@ -34,7 +35,7 @@ from dfbf_cli.contract import EvalData, ImageFolder, Metric, ModelAdapter
 from dfbf_cli.engine.distributed import barrier, check_batch_split, current, job_exclusive, main_first
 from dfbf_cli.engine.efficiency import check_imgsz
 from dfbf_cli.engine.evaluate import Candidate, ModelReport, Verdict, check_evaluation, evaluate_models, free_alternative, watched_metric
-from dfbf_cli.engine.export import default_path
+from dfbf_cli.engine.export import default_path, make_calibration_set
 from dfbf_cli.engine.export import export as export_model
 from dfbf_cli.engine.features import feature_gap
 from dfbf_cli.engine.finetune import EpochRecord, finetune
@@ -49,6 +50,7 @@ from dfbf_cli.errors import DfbfError
 from dfbf_cli.export_record import check_packages
 from dfbf_cli.files import LOCK_FILE, Kind, Output, check_outputs, read_json, write_json
 from dfbf_cli.settings import (
+    CALIBRATION_SET_BATCH,
     EVAL_BATCH,
     PRESETS,
     SYNTHESIS_BATCH,
@@ -95,6 +97,10 @@ class RunDirectory:
 
     def round(self, k: int) -> Path:
         return self.root / f"round-{k}{self.suffix}"
+
+    @property
+    def calibration(self) -> Path:
+        return self.root / "calibration"
 
     @property
     def compressed(self) -> Path:
@@ -179,7 +185,7 @@ def plan_compress(
         if rounds > 1 or strategy == Strategy.PROGRESSIVE:
             raise DfbfError("--reconstruct follows one-shot pruning in one round; leave it out with --rounds or --strategy progressive.")
     if int8 and export is None:
-        raise DfbfError("--int8 applies to --export FORMAT (the compressed model exported, INT8 calibrated on the run's synthetic images).")
+        raise DfbfError("--int8 applies to --export FORMAT (the compressed model exported, INT8 calibrated on synthetic images).")
     if export is not None:
         check_packages(export)
     if max_drop is not None:
@@ -204,6 +210,8 @@ def plan_compress(
         raise DfbfError("--allow-teacher-mismatch applies to a --synthetic dataset made from another model.")
     size = dataset.imgsz if dataset else imgsz or budget.imgsz(original.input_spec.imgsz)
     check_imgsz(original, size, finetune_settings.batch, device, training=True)
+    if int8 and size != original.input_spec.imgsz:  # the calibration set is made at the export's size
+        check_imgsz(original, original.input_spec.imgsz, CALIBRATION_SET_BATCH, device, training=True)
     num_images = dataset.num_images if dataset else num_images or budget.num_images(size)
     settings = replace(finetune_settings, epochs=epochs or budget.epochs(num_images, finetune_settings.batch, size))
     settings.validate()
@@ -340,9 +348,13 @@ def _run_stages(plan: CompressPlan, on_progress: ProgressCallback) -> CompressRe
     if plan.export is not None:
         target = run.exported(plan.export, plan.int8)
         if not target.exists():
-            log.info("Exporting the compressed model to %s%s.", plan.export, " INT8, calibrated on the synthetic images" if plan.int8 else "")
-            export_model(compressed, plan.export, target, imgsz=original.input_spec.imgsz, calibration=dataset if plan.int8 else None,
-                         on_progress=on_progress)
+            size = original.input_spec.imgsz
+            calibration = None
+            if plan.int8:  # at the export's size: the run's own images are at the preset's, a mismatch that costs INT8 accuracy (docs/export.md)
+                calibration = dataset if dataset.imgsz == size else make_calibration_set(original, run.calibration, imgsz=size, device=plan.device,
+                                                                                           seed=plan.seed, on_progress=on_progress)
+            log.info("Exporting the compressed model to %s%s.", plan.export, " INT8, calibrated on synthetic images" if plan.int8 else "")
+            export_model(compressed, plan.export, target, imgsz=size, calibration=calibration, on_progress=on_progress)
         exported = compressed.load_export(target)
     stages = [("pruned", pruned)] + ([("reconstructed", start)] if plan.reconstruct else []) + [("compressed", compressed)]
     fidelity = {stage: feature_gap(model, original, holdout, scope=plan.prune.scope, device=plan.device) for stage, model in stages}
