@@ -159,10 +159,12 @@ def test_compress_exports_the_compressed_model_and_scores_it_beside_the_others(r
 @pytest.mark.slow
 def test_compress_int8_calibrates_at_the_export_size(run_cli, tmp_path, random_pose, monkeypatch):
     import dfbf_cli.engine.export as engine_export
-    from dfbf_cli.settings import SynthesisSettings
+    from dfbf_cli.settings import PRESETS, Preset, PresetName, SynthesisSettings
 
-    monkeypatch.setattr(engine_export, "CALIBRATION_SET_IMAGES", 4)  # the real 32 images and 75 steps take longer, nothing else differs
-    monkeypatch.setattr(engine_export, "CALIBRATION_SYNTHESIS", SynthesisSettings(low_res_iterations=0, iterations=1))
+    few_steps = SynthesisSettings(low_res_iterations=0, iterations=1)  # the real sets take longer, nothing else differs
+    monkeypatch.setattr(engine_export, "CALIBRATION_SET_IMAGES", 4)
+    monkeypatch.setattr(engine_export, "CALIBRATION_SYNTHESIS", few_steps)
+    monkeypatch.setitem(PRESETS, PresetName.QUICK, Preset(4, 4, 64, few_steps, 4, 4))
     model, _ = random_pose
     run = tmp_path / "run"
     _json(run_cli("compress", model, "--ratio", "0.3", "--preset", "quick", "--num-images", "4", "--imgsz", "32", "--epochs", "1",

@@ -50,9 +50,10 @@ def test_progressive_reaches_the_ratio_exactly_and_is_seeded(spec):
     assert all(o.after == settings.keep_count(o.before) for o in outcomes)
     one_shot, _ = prune(adapter, settings)
     assert count_params(first.model) == count_params(one_shot.model)
-    again, _ = progressive_prune(adapter, settings, keep, quick, _probe(2, size), seed=7)
-    for a, b in zip(first.model.state_dict().values(), again.model.state_dict().values()):
-        assert torch.equal(a, b)
+    if spec.startswith("cifar"):  # seeded: the same again (checked on the cheap model; YOLO's run takes ~17 s)
+        again, _ = progressive_prune(adapter, settings, keep, quick, _probe(2, size), seed=7)
+        for a, b in zip(first.model.state_dict().values(), again.model.state_dict().values()):
+            assert torch.equal(a, b)
     before, after = adapter.split(), first.split()
     for name, tensor in before.head.state_dict().items():
         assert torch.equal(tensor, after.head.state_dict()[name])
