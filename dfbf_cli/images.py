@@ -62,3 +62,12 @@ def fit_to_square(image: torch.Tensor, imgsz: int) -> torch.Tensor:
 def square_batch(images: list[torch.Tensor], imgsz: int) -> torch.Tensor:
     """uint8 C×H×W images → one float N×C×imgsz×imgsz batch in [0, 1]."""
     return torch.stack([fit_to_square(image, imgsz) for image in images]).float() / 255.0
+
+
+def save_images(images: torch.Tensor, folder: Path, prefix: str) -> tuple[Path, ...]:
+    """uint8 N×3×H×W images as PNG files ``folder/PREFIX-NNNNN.png`` (the form real photos take), in order."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = tuple(folder / f"{prefix}-{i:05d}.png" for i in range(len(images)))
+    for file, image in zip(files, images, strict=True):
+        Image.fromarray(image.permute(1, 2, 0).numpy()).save(file)
+    return files

@@ -13,6 +13,7 @@ import torch
 from dfbf_cli.adapters import load_model
 from dfbf_cli.engine.export import calibration_images
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
+from dfbf_cli.images import save_images
 from tests.fixtures import labelled_npz
 
 pytest.importorskip("openvino", reason="needs the export extra: pip install 'dfbf[export]'")
@@ -63,11 +64,7 @@ def test_classifier_exports_int8_and_agrees_with_itself(run_cli, tmp_path, r20_s
     assert int8["efficiency"]["file_mb"] < 0.5 * original["efficiency"]["file_mb"]  # 8-bit weights
     teacher = ["--teacher", spec[0], "--teacher-weights", spec[2]]
     photos = tmp_path / "photos"
-    photos.mkdir()
-    from PIL import Image
-
-    for i, image in enumerate(SyntheticDataset.open(synthetic).load()[0]):
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(photos / f"s{i}.png")
+    save_images(SyntheticDataset.open(synthetic).load()[0], photos, "s")
     agreement = _json(run_cli("eval", out, *teacher, "--data", photos, "--json", "--latency-runs", "1", *QUIET))
     assert agreement["models"][0]["metrics"]["agreement_top1"] >= 50  # INT8 follows its FP32 original on its own images
 

@@ -17,6 +17,7 @@ import torch
 from dfbf_cli.adapters.yolo_data import pseudo_labelled
 from dfbf_cli.adapters.yolo_ultralytics import OPENVINO_SUFFIX, keeping_torch_threads
 from dfbf_cli.contract import Artefact
+from dfbf_cli.images import save_images
 from dfbf_cli.settings import ExportFormat, Int8Recipe
 
 if TYPE_CHECKING:
@@ -67,11 +68,6 @@ def _decode_ops(model) -> list[str]:
 
 
 def _calibration_dataset(adapter: YoloAdapter, folder: Path, images: torch.Tensor) -> Path:
-    from PIL import Image
-
-    pictures = folder / "images" / "calib"
-    pictures.mkdir(parents=True)
-    for index, image in enumerate(images):
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(pictures / f"synthetic-{index:05d}.png")
+    pictures = save_images(images, folder / "images" / "calib", "synthetic")
     config = {"names": dict(adapter.model.names)} | ({"kpt_shape": list(adapter.model.kpt_shape)} if adapter.task == "pose" else {})
-    return pseudo_labelled(folder / "dataset", sorted(pictures.iterdir()), {}, config)
+    return pseudo_labelled(folder / "dataset", list(pictures), {}, config)

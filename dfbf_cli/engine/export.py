@@ -23,6 +23,7 @@ from dfbf_cli.engine.progress import ProgressCallback, ProgressEvent, ignore
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
 from dfbf_cli.errors import DfbfError
 from dfbf_cli.export_record import read_record, write_record
+from dfbf_cli.images import save_images
 from dfbf_cli.settings import (
     CALIBRATION_IMAGES,
     CALIBRATION_SET_BATCH,
@@ -139,7 +140,7 @@ def _quantise(adapter: ModelAdapter, fmt: ExportFormat, folder: Path, images: to
                                                                                           device=torch.device("cpu"))
         trials.append((name, artefact, scores))
     on_progress(ProgressEvent("INT8 recipes", len(recipes), len(recipes)))
-    chosen, artefact, _ = max(trials, key=lambda t: (sign * t[2].get(metric.name, 0.0), -t[2].get("agreement_kl", 0.0)))  # the first of equals
+    chosen, artefact, _ = max(trials, key=lambda t: sign * t[2].get(metric.name, 0.0))  # the first of equals
     return artefact, {"recipe": chosen if openvino else None, "kept_fp": list(artefact.kept_fp), "held_out_images": len(held_out),
                       "calibration_images": len(calibration), "agreement_metric": metric.name,
                       "agreement": {name: scores for name, _, scores in trials}, **({"failed": failed} if failed else {})}
@@ -147,12 +148,4 @@ def _quantise(adapter: ModelAdapter, fmt: ExportFormat, folder: Path, images: to
 
 def _pictures(folder: Path, images: torch.Tensor) -> ImageFolder | None:
     """``images`` as PNG files (what an adapter's agreement reads), or None when there are none."""
-    if not len(images):
-        return None
-    from PIL import Image
-
-    folder.mkdir(parents=True)
-    files = tuple(folder / f"held-out-{i:04d}.png" for i in range(len(images)))
-    for file, image in zip(files, images, strict=True):
-        Image.fromarray(image.permute(1, 2, 0).numpy()).save(file)
-    return ImageFolder(folder, files)
+    return ImageFolder(folder, save_images(images, folder, "held-out")) if len(images) else None
