@@ -178,6 +178,9 @@ class PruneSettings:
             keep = max(self.round_to, round(keep / self.round_to) * self.round_to)
         return min(size, max(keep, self.min_channels))
 
+    def __post_init__(self) -> None:  # a target is checked where it is made, once: every holder of one may trust it
+        self.validate()
+
     def validate(self) -> None:
         if (self.ratio is None) == (self.flops is None):
             raise DfbfError("Give --ratio (fraction of channels removed) or --flops (fraction of GFLOPs kept), one of them.")

@@ -52,9 +52,7 @@ def pruning_target(ratio: float | None, flops: float | None, **options) -> Prune
         require_fraction("--ratio", ratio)
     kinds = {"scope": Scope, "allocation": Allocation, "criterion": Criterion, "schedule": Schedule}
     options = {name: choice(kinds[name], value, f"--{name}") if name in kinds else value for name, value in options.items()}
-    settings = PruneSettings(ratio, flops, **options)
-    settings.validate()
-    return settings
+    return PruneSettings(ratio, flops, **options)  # which validates itself
 
 
 def read_synthetic_set(path: str | Path, teacher: ModelAdapter, *, minimum: int, what: str, allow_mismatch: bool = False,

@@ -173,7 +173,6 @@ def plan_compress(
     device: torch.device, inputs: dict[str, Path | None],
 ) -> CompressPlan:
     """Check every argument and input against each other; nothing is computed or written."""
-    prune_settings.validate()
     check_batch_split(finetune_settings.batch)
     budget = PRESETS[preset]
     if rounds < 1:

@@ -181,7 +181,6 @@ def plan_keep(
     on_progress: ProgressCallback = ignore,
 ) -> dict[str, int]:
     """How many channels each group of ``settings.scope`` keeps, for a ratio or a GFLOPs target."""
-    settings.validate()
     groups = adapter.channel_groups(settings.scope)
     if settings.ratio is not None:
         return {g.name: settings.keep_count(g.size) for g in groups}
