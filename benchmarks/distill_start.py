@@ -4,9 +4,13 @@ the tables of docs/reconstruct.md ("distillation after reconstruction") and docs
     .venv/bin/python benchmarks/distill_start.py cifar SYNTHETIC_DIR --steps 960                    # from the pruned model
     .venv/bin/python benchmarks/distill_start.py cifar SYNTHETIC_DIR --steps 960 --reconstruct 128  # from the reconstructed one
     .venv/bin/python benchmarks/distill_start.py cifar SYNTHETIC_DIR --steps 960 --reconstruct 128 --renew 64 --adversarial 1
+    .venv/bin/python benchmarks/distill_start.py cifar SYNTHETIC_DIR --steps 256 --procedural half  # fresh procedural images in every batch
 
 cifar: ResNet-56 at ratio 0.5, top-1 on the 5,000-image dev file; yolo: yolo11n-pose at ratio 0.3,
 pose / box mAP50-95 on coco-mini-pose. Fine-tuning is compress's recipe (batch 32, ``--precision auto``).
+``--procedural`` feeds fresh procedural images (dead leaves: discs and squares of random colours and
+power-law sizes over coloured 1/f noise, free to make) into every batch after the usual augmentation:
+``all`` of it, the second ``half`` of it, or one box of each image (``paste``).
 Prints one JSON line: the metric at the start and the end, and the times. Run alone on the machine.
 """
 
@@ -16,12 +20,15 @@ import argparse
 import json
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from common import asset, machine, private_copy
 
 from dfbf_cli.adapters import load_data, load_model
+from dfbf_cli.engine import finetune as distillation
 from dfbf_cli.engine.finetune import finetune
 from dfbf_cli.engine.pruning import prune
 from dfbf_cli.engine.reconstruct import refit_pruned
@@ -39,6 +46,52 @@ CASES = {
 BATCH = 32
 
 
+def dead_leaves(n: int, height: int, width: int, generator: torch.Generator, shapes: int = 60) -> torch.Tensor:
+    """``n`` procedural images in [0, 1]: discs and squares (radius density ∝ r⁻³) painted over each other, plus 1/f noise."""
+    yy, xx = torch.meshgrid(torch.arange(height).float(), torch.arange(width).float(), indexing="ij")
+    images = torch.rand(n, 3, 1, 1, generator=generator).expand(n, 3, height, width).clone()
+    size = min(height, width)
+    smallest, largest = size / 40, size / 3
+    for _ in range(shapes):
+        radius = (smallest**-2 + torch.rand(n, generator=generator) * (largest**-2 - smallest**-2)) ** -0.5
+        cy, cx = (torch.rand(n, generator=generator) * side for side in (height, width))
+        dy, dx = (yy - cy.view(-1, 1, 1)).abs(), (xx - cx.view(-1, 1, 1)).abs()
+        r = radius.view(-1, 1, 1)
+        square = (torch.rand(n, generator=generator) < 0.5).view(-1, 1, 1)
+        inside = torch.where(square, torch.maximum(dy, dx) < r, dy**2 + dx**2 < r**2)
+        images = torch.where(inside[:, None], torch.rand(n, 3, 1, 1, generator=generator), images)
+    noise = sum(F.interpolate(torch.randn(n, 3, max(2, height // o), max(2, width // o), generator=generator), size=(height, width), mode="bilinear")
+                * (o / 32) for o in (4, 8, 16, 32))
+    return (images + 0.08 * noise).clamp(0, 1)
+
+
+def mix_procedural(how: str, seed: int) -> Callable[[], None]:
+    """Make fine-tuning's batch mixing also feed procedural images (``how``: all, half or paste); returns the undo."""
+    generator, cutmix = torch.Generator().manual_seed(seed + 1234), distillation.cutmix
+
+    def mixed(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        x = cutmix(x, g)
+        n, _, h, w = x.shape
+        fresh = dead_leaves(n, h, w, generator)
+        if how == "all":
+            return fresh
+        if how == "half":
+            return torch.cat([x[: n // 2], fresh[n // 2 :]])
+        share = float(torch.rand(1, generator=generator)) ** 0.5
+        bh, bw = int(h * share), int(w * share)
+        y, z = (int(torch.randint(0, size - box + 1, (1,), generator=generator)) for size, box in ((h, bh), (w, bw)))
+        x = x.clone()
+        x[:, :, y : y + bh, z : z + bw] = fresh[:, :, y : y + bh, z : z + bw]
+        return x
+
+    distillation.cutmix = mixed
+
+    def undo() -> None:
+        distillation.cutmix = cutmix
+
+    return undo
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("case", choices=sorted(CASES))
@@ -48,8 +101,11 @@ def main() -> None:
     parser.add_argument("--renew", type=int, default=0)
     parser.add_argument("--renew-steps", type=int, default=20)
     parser.add_argument("--adversarial", type=float, default=0.0)
+    parser.add_argument("--procedural", choices=("all", "half", "paste"), default=None)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
+    if args.procedural and args.renew:
+        parser.error("--procedural applies to the fixed set; the renewed stream would start from procedural images too")
     load, ratio, data, imgsz, metrics = CASES[args.case]
     original, labelled = load(), data()
     images = SyntheticDataset.open(args.synthetic).load()[0]
@@ -68,10 +124,14 @@ def main() -> None:
     result |= {"reconstruct_s": round(time.perf_counter() - started, 1), "start": score()}
     tuning = FinetuneSettings(epochs=max(1, args.steps // (len(images) // BATCH)), batch=BATCH, precision=resolve_precision("auto", CPU),
                               renew=args.renew, renew_steps=args.renew_steps, adversarial=args.adversarial)
+    undo = mix_procedural(args.procedural, args.seed) if args.procedural else lambda: None
     started = time.perf_counter()
-    with tempfile.TemporaryDirectory() as tmp:
-        history = finetune(student, original, images, settings=tuning, scope=settings.scope, device=CPU, seed=args.seed,
-                           state_path=Path(tmp) / "state.pt")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            history = finetune(student, original, images, settings=tuning, scope=settings.scope, device=CPU, seed=args.seed,
+                               state_path=Path(tmp) / "state.pt")
+    finally:
+        undo()
     result |= {"finetune_s": round(time.perf_counter() - started, 1), "final_loss": round(history[-1].loss, 4), "end": score()}
     print(json.dumps(result), flush=True)
 

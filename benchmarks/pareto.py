@@ -98,7 +98,7 @@ def free(case: str, results: Path, work: Path) -> None:
         metrics[size] = cached(work / f"free-{case}-{size}.json", partial(original.evaluate, data, imgsz=size, batch=16, device=CPU))
     for size, eff in zip(todo, measure_efficiency([(original, s) for s in todo], device=CPU, runs=30)):
         append_point(results, {"case": case, "kind": "free", "imgsz": size, "gflops": eff.gflops, "latency_ms": eff.latency_cpu_ms,
-                         **{m: metrics[size][m] for m in shown}})
+                         **{m: metrics[size][m] for m in shown}}, CPU)
 
 
 def dfbf(case: str, flops: list[float], scope: str, allocation: str, rounds: int, seed: int, extra: list[str], results: Path, work: Path) -> None:
@@ -127,7 +127,7 @@ def dfbf(case: str, flops: list[float], scope: str, allocation: str, rounds: int
         append_point(results, {**point, "gflops": after.gflops, "gflops_original": before.gflops, "latency_ms": after.latency_cpu_ms,
                          "latency_original_ms": before.latency_cpu_ms, **{m: report["models"]["compressed"]["metrics"][m] for m in shown},
                          "synthesis_min": synthesis, "compress_min": compress, "total_min": synthesis + compress,
-                         "report_free_alternative": verdict, "command": shlex.join(command)})
+                         "report_free_alternative": verdict, "command": shlex.join(command)}, CPU)
 
 
 def cifar(seeds: list[int], allocation: str, results: Path, work: Path) -> None:
@@ -153,11 +153,11 @@ def cifar(seeds: list[int], allocation: str, results: Path, work: Path) -> None:
     reference, smaller, *compressed = measure_efficiency([(original, 32), (dense, 32)] + [(model, 32) for _, model, *_ in runs], device=CPU, runs=50)
     for point in (p for p in todo if p["kind"] != "dfbf"):
         eff = reference if point["kind"] == "original" else smaller
-        append_point(results, {**point, "top1": top1[point["kind"]], "gflops": eff.gflops, "latency_ms": eff.latency_cpu_ms})
+        append_point(results, {**point, "top1": top1[point["kind"]], "gflops": eff.gflops, "latency_ms": eff.latency_cpu_ms}, CPU)
     for (point, _, accuracy, wall, command), eff in zip(runs, compressed):
         append_point(results, {**point, "ratio": 0.5, "top1": accuracy, "gflops": eff.gflops, "gflops_original": reference.gflops,
                          "latency_ms": eff.latency_cpu_ms, "latency_original_ms": reference.latency_cpu_ms, "compress_min": wall,
-                         "command": shlex.join(command)})
+                         "command": shlex.join(command)}, CPU)
 
 
 def free_curve_at(free_points: list[dict], gflops: float, metric: str) -> tuple[float, bool] | None:

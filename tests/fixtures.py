@@ -43,14 +43,15 @@ def _label_line(task: str, rng: np.random.Generator) -> str:
     return "0 " + " ".join(f"{v:.5f}" for v in fields)
 
 
-def yolo_dataset(folder: Path, task: str = "pose", count: int = 4, size: int = 64, seed: int = 0) -> Path:
-    """An Ultralytics dataset of ``count`` random images with one object each, for ``task``; returns its YAML."""
+def yolo_dataset(folder: Path, task: str = "pose", count: int = 4, size: int = 64, seed: int = 0, width: int | None = None) -> Path:
+    """An Ultralytics dataset of ``count`` random images (``size`` high, ``width`` or ``size`` wide) with one object each,
+    for ``task``; returns its YAML."""
     rng = np.random.default_rng(seed)
     images, labels = folder / "images" / "val", folder / "labels" / "val"
     images.mkdir(parents=True, exist_ok=True)
     labels.mkdir(parents=True, exist_ok=True)
     for i in range(count):
-        Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(images / f"im{i}.png")
+        Image.fromarray(rng.integers(0, 256, (size, width or size, 3), dtype=np.uint8)).save(images / f"im{i}.png")
         (labels / f"im{i}.txt").write_text(_label_line(task, rng) + "\n")
     config = {"path": ".", "train": "images/val", "val": "images/val", "names": {0: "person"}}
     if task == "pose":

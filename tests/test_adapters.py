@@ -132,6 +132,22 @@ def test_evaluating_a_yolo_model_keeps_the_callers_torch_threads(random_pose):
         torch.set_num_threads(threads)
 
 
+def test_a_yolo_model_is_scored_on_square_inputs_as_a_fixed_shape_export_is(random_pose, tmp_path, monkeypatch):
+    """YOLO.val() would give a PyTorch model rectangular batches of wide photos (an export gets square ones):
+    dfbf scores every model on the same imgsz × imgsz inputs, so a comparison measures the models, not the padding."""
+    from ultralytics.models.yolo.detect.val import DetectionValidator
+
+    from dfbf_cli.adapters import load_data
+    from tests.fixtures import yolo_dataset
+
+    model, _ = random_pose
+    wide = yolo_dataset(tmp_path / "wide", "pose", size=64, width=128)
+    seen, preprocess = [], DetectionValidator.preprocess
+    monkeypatch.setattr(DetectionValidator, "preprocess", lambda self, batch: seen.append(tuple(batch["img"].shape[-2:])) or preprocess(self, batch))
+    load_model(str(model)).evaluate(load_data(wide), imgsz=128, batch=4, device=torch.device("cpu"))
+    assert seen and set(seen) == {(128, 128)}
+
+
 def test_a_bare_state_dict_as_model_names_the_form_that_loads_it(tmp_path):
     path = tmp_path / "r20.th"
     torch.save({"state_dict": load_model("cifar-resnet20").model.state_dict()}, path)

@@ -30,13 +30,13 @@ def test_version_and_help_list_working_commands(run_cli):
         assert page.code == 0 and f" {command} [OPTIONS]" in page.stdout and "--json" in page.stdout
 
 
-def test_pose_map_matches_ultralytics_own_validation(run_cli, dataset_copy, monkeypatch):
+def test_pose_map_matches_ultralytics_own_validation_on_square_inputs(run_cli, dataset_copy, monkeypatch):
     from ultralytics import YOLO
 
     data = dataset_copy("coco8-pose")
     model = shared_asset("models/yolo11n-pose.pt")
     monkeypatch.chdir(data.parent)  # where Ultralytics resolves the YAML's "path: ." for a user
-    reference = YOLO(str(model)).val(data=str(data), imgsz=640, batch=16, device="cpu", plots=False, verbose=False,
+    reference = YOLO(str(model)).val(data=str(data), imgsz=640, batch=16, device="cpu", plots=False, verbose=False, rect=False,
                                      project=str(data.parent / "runs"), workers=0)
     report = _json(run_cli("eval", model, "--data", data, "--device", "cpu", "--json", "--latency-runs", "1"))
     metrics = report["models"][0]["metrics"]

@@ -5,8 +5,8 @@ The model graph is Ultralytics' own: a list of layers, each reading the previous
 saved outputs (``layer.f``), ending in one task module (Detect, Pose, Segment, OBB, Classify). The
 backbone is the YAML's ``backbone`` section; the trunk is every layer before the task module. What
 differs between tasks (metric keys, label lines, dataset checks) is a :class:`YoloTask`; everything
-else is one adapter. Scoring goes through Ultralytics' validators, so numbers match
-``YOLO(path).val()``; saving writes a stock checkpoint that ``YOLO(path)`` loads without dfbf.
+else is one adapter. Scoring goes through Ultralytics' validators on square inputs, so numbers match
+``YOLO(path).val(rect=False)``; saving writes a stock checkpoint that ``YOLO(path)`` loads without dfbf.
 Checkpoints are read with Ultralytics' restricted loader (``weights_only`` plus an allow-list of its
 own classes): a file that needs anything else is refused unless the user trusts it explicitly.
 """
@@ -257,9 +257,12 @@ class YoloAdapter(ModelAdapter):
         return {f"{name}_noise_{NOISE_SIGMA:g}": value for name, value in metrics.items()}
 
     def _validate(self, folder: Path, data_yaml: Path, *, imgsz: int, batch: int, device: torch.device) -> dict[str, float]:
+        """Ultralytics' validator on square imgsz × imgsz inputs for every model: ``YOLO.val()`` gives a PyTorch model
+        rectangular batches (less padding) but a fixed-shape export square ones, which would count a letterboxing
+        difference as the export's loss; square is also what GFLOPs and latency are measured at."""
         with keeping_torch_threads():
             results = self._stock(folder).val(
-                data=str(data_yaml), imgsz=imgsz, batch=batch, device=str(device), plots=False,
+                data=str(data_yaml), imgsz=imgsz, batch=batch, device=str(device), plots=False, rect=False,
                 verbose=False, save_json=False, project=str(folder), name="val", workers=0,
             )
         return {name: float(results.results_dict[key]) for name, key in self.yolo_task.metrics}
@@ -271,7 +274,7 @@ class YoloAdapter(ModelAdapter):
             return top1_agreement(self.scorer(device), teacher.scorer(device), images, imgsz=imgsz, batch=batch)
         with temporary_folder() as tmp, keeping_torch_threads():
             task, labels = self.yolo_task, {}
-            for result in teacher._stock(Path(tmp), "teacher").predict([str(p) for p in images.files], imgsz=imgsz, device=str(device),
+            for result in teacher._stock(Path(tmp), "teacher").predict([str(p) for p in images.files], imgsz=imgsz, device=str(device), rect=False,
                                                                        verbose=False, stream=True):
                 classes = (result.obb if task.name == "obb" else result.boxes).cls.tolist()
                 labels[Path(result.path).stem] = [f"{int(c)} " + " ".join(f"{v:.6g}" for v in task.label_fields(result, k))
