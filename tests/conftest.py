@@ -128,6 +128,17 @@ def random_r20_synthetic(tmp_path_factory, random_r20):
     return quick_synthetic(random_r20, tmp_path_factory.mktemp("synth") / "r20")
 
 
+@pytest.fixture
+def quick_synthesis(monkeypatch):
+    """The quick preset with two inversion steps per image: for tests of what compress does with its images,
+    not of how good they are (synthesis has its own tests)."""
+    from dataclasses import replace
+
+    from dfbf_cli.settings import PRESETS, PresetName, SynthesisSettings
+
+    monkeypatch.setitem(PRESETS, PresetName.QUICK, replace(PRESETS[PresetName.QUICK], synthesis=SynthesisSettings(low_res_iterations=0, iterations=2)))
+
+
 def pruned_copy(adapter, ratio: float, scope=None):
     """``adapter`` pruned one-shot at a uniform ratio (within ``scope``, default the backbone)."""
     from dfbf_cli.engine.pruning import prune

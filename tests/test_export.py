@@ -145,7 +145,7 @@ def test_yolo_int8_openvino_export_is_a_stock_ultralytics_model(run_cli, tmp_pat
 
 
 @pytest.mark.slow
-def test_compress_exports_the_compressed_model_and_scores_it_beside_the_others(run_cli, tmp_path, random_r20):
+def test_compress_exports_the_compressed_model_and_scores_it_beside_the_others(run_cli, tmp_path, random_r20, quick_synthesis):
     data = labelled_npz(tmp_path / "test.npz")
     report = _json(run_cli("compress", *random_r20, "--ratio", "0.5", "--preset", "quick", "--num-images", "8", "--epochs", "1", "--data", data,
                            "--export", "onnx", "--int8", "--out", tmp_path / "run", "--json", *QUIET))

@@ -159,10 +159,10 @@ def class_balanced_npz(tmp_path_factory):
     return path
 
 
-def test_compress_reuses_a_synthetic_dataset_and_gates_on_max_drop(run_cli, tmp_path, tiny_synthetic, r20, class_balanced_npz):
+def test_compress_reuses_a_synthetic_dataset_and_gates_on_max_drop(run_cli, tmp_path, tiny_synthetic, r20, class_balanced_npz, quick_synthesis):
     run_dir = tmp_path / "run"
     args = ["compress", *r20, "--ratio", "0.9", "--synthetic", tiny_synthetic, "--data", class_balanced_npz,
-            "--out", run_dir, "--epochs", "1", "--precision", "fp32", *QUIET]
+            "--out", run_dir, "--epochs", "1", "--preset", "quick", "--precision", "fp32", *QUIET]
     first = run_cli(*args, "--json")
     assert first.code == 0, first.stderr
     report = json.loads(first.stdout)
@@ -184,14 +184,14 @@ def test_compress_reuses_a_synthetic_dataset_and_gates_on_max_drop(run_cli, tmp_
     assert other.code == 2 and "ratio" in other.stderr
 
 
-def test_compress_yolo_end_to_end_loads_in_stock_ultralytics(run_cli, tmp_path, dataset_copy):
+def test_compress_yolo_end_to_end_loads_in_stock_ultralytics(run_cli, tmp_path, dataset_copy, quick_synthesis):
     model = shared_asset("models/yolo11n-pose.pt")
     synthetic = tmp_path / "synth"
     assert run_cli("synthesize", model, "--out", synthetic, "--num-images", "4", "--batch", "4", "--imgsz", "64",
                    "--iterations", "2", "--low-res-iterations", "1", *QUIET).code == 0
     data = dataset_copy("coco8-pose")
     result = run_cli("compress", model, "--ratio", "0.3", "--synthetic", synthetic, "--data", data, "--out", tmp_path / "run",
-                     "--epochs", "1", "--imgsz", "64", "--json", *QUIET)
+                     "--epochs", "1", "--imgsz", "64", "--preset", "quick", "--json", *QUIET)
     assert result.code == 0, result.stderr
     report = json.loads(result.stdout)
     assert set(report["models"]) == {"original", "pruned", "compressed"}

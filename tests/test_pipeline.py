@@ -45,7 +45,7 @@ def test_classifier_pipeline_stage_by_stage(run_cli, tmp_path, random_r20):
 
 
 @pytest.mark.slow
-def test_compress_resumes_after_an_interruption_to_the_same_model(run_cli, tmp_path, random_r20, monkeypatch):
+def test_compress_resumes_after_an_interruption_to_the_same_model(run_cli, tmp_path, random_r20, monkeypatch, quick_synthesis):
     args = ["compress", *random_r20, "--ratio", "0.5", "--preset", "quick", "--num-images", "16", "--epochs", "4", "--precision", "fp32", *QUIET]
     reference = tmp_path / "reference"
     assert run_cli(*args, "--out", reference).code == 0
@@ -70,7 +70,7 @@ def test_compress_resumes_after_an_interruption_to_the_same_model(run_cli, tmp_p
 
 
 @pytest.mark.slow
-def test_yolo_compress_to_a_gflops_target_in_the_trunk_without_data(run_cli, tmp_path, random_pose):
+def test_yolo_compress_to_a_gflops_target_in_the_trunk_without_data(run_cli, tmp_path, random_pose, quick_synthesis):
     model, _ = random_pose
     run = tmp_path / "run"
     report = _json(run_cli("compress", model, "--flops", "0.7", "--scope", "trunk", "--allocation", "sensitivity", "--rounds", "2",
@@ -96,7 +96,7 @@ def test_yolo_compress_to_a_gflops_target_in_the_trunk_without_data(run_cli, tmp
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("task", "metric"), [("segment", "mask_map50_95"), ("obb", "box_map50_95"), ("detect", "box_map50_95")])
-def test_segment_obb_and_detect_models_compress_and_score_with_their_own_metric(run_cli, tmp_path, task, metric):
+def test_segment_obb_and_detect_models_compress_and_score_with_their_own_metric(run_cli, tmp_path, task, metric, quick_synthesis):
     model, data = one_class_yolo(tmp_path, task), yolo_dataset(tmp_path / "data", task)
     report = _json(run_cli("compress", model, "--ratio", "0.3", "--scope", "trunk", "--preset", "quick", "--num-images", "4", "--epochs", "1", "--data", data,
                            "--out", tmp_path / "run", "--json", *QUIET))

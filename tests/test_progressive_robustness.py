@@ -43,14 +43,14 @@ def test_merging_a_channel_into_its_identical_twin_changes_nothing():
 @pytest.mark.parametrize("spec", ["cifar-resnet20", "yolov8n-pose.yaml"])
 def test_progressive_reaches_the_ratio_exactly_and_is_seeded(spec):
     adapter = load_model(spec)
-    settings = PruneSettings(0.4)
+    settings = PruneSettings(0.15)  # each removed channel costs a scoring pass: a small ratio keeps YOLO's run short
     size, quick = 32, ProgressiveSettings(steps=2, probe_images=2)
     keep = {g.name: settings.keep_count(g.size) for g in adapter.channel_groups()}
     first, outcomes = progressive_prune(adapter, settings, keep, quick, _probe(2, size), seed=7)
     assert all(o.after == settings.keep_count(o.before) for o in outcomes)
     one_shot, _ = prune(adapter, settings)
     assert count_params(first.model) == count_params(one_shot.model)
-    if spec.startswith("cifar"):  # seeded: the same again (checked on the cheap model; YOLO's run takes ~17 s)
+    if spec.startswith("cifar"):  # seeded: the same again (checked on the cheap model)
         again, _ = progressive_prune(adapter, settings, keep, quick, _probe(2, size), seed=7)
         for a, b in zip(first.model.state_dict().values(), again.model.state_dict().values()):
             assert torch.equal(a, b)
@@ -117,9 +117,9 @@ def test_progressive_prune_cli(run_cli, tmp_path):
     assert run_cli("synthesize", "cifar-resnet20", "--weights", weights, "--out", synthetic, "--num-images", "8", "--batch", "8",
                    "--iterations", "2", "--low-res-iterations", "0", "-q").code == 0
     out = tmp_path / "progressive.th"
-    result = run_cli("prune", "cifar-resnet20", "--weights", weights, "--ratio", "0.3", "--strategy", "progressive",
+    result = run_cli("prune", "cifar-resnet20", "--weights", weights, "--ratio", "0.1", "--strategy", "progressive",
                      "--synthetic", synthetic, "--steps", "2", "--out", out, "--latency-runs", "1", "--json", "-q")
     assert result.code == 0, result.stderr
     report = json.loads(result.stdout)
     assert report["strategy"] == "progressive" and report["after"]["params"] < report["before"]["params"]
-    assert load_model("cifar-resnet20", str(out)).model.layer1[0].conv1.out_channels == 12
+    assert load_model("cifar-resnet20", str(out)).model.layer1[0].conv1.out_channels == 15
