@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from dfbf_cli.contract import ChannelGroup, ImageFolder, ModelAdapter
-from dfbf_cli.engine.pruning import cut
+from dfbf_cli.engine.pruning import channel_scores, cut, select_channels
 from dfbf_cli.engine.runtime import resolve_precision
 from dfbf_cli.settings import Criterion, Precision, PruneSettings
 
@@ -63,7 +63,8 @@ def pruned_with_ratios(original: ModelAdapter, ratio_of: Callable[[ChannelGroup]
     """A copy of the model, each channel group pruned (one-shot L1) at its own ratio: for experiments
     on where to prune, which the product's uniform / layer-dependent schedules do not express."""
     groups = original.channel_groups()
-    return cut(original, groups, {g.name: PruneSettings(ratio_of(g)).keep_count(g.size) for g in groups}, Criterion.L1)
+    keep = {g.name: PruneSettings(ratio_of(g)).keep_count(g.size) for g in groups}
+    return cut(original, groups, select_channels(channel_scores(original, groups, Criterion.L1, None), keep))
 
 
 PARETO_RESULTS = Path("/tmp/dfbf-pareto/results.jsonl")  # benchmarks/pareto.py's, which levers.py and int8.py add to

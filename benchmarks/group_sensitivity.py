@@ -18,7 +18,7 @@ import torch
 from common import asset, machine, private_copy
 
 from dfbf_cli.adapters import load_data, load_model
-from dfbf_cli.engine.pruning import FlopModel, cut, group_costs
+from dfbf_cli.engine.pruning import FlopModel, channel_scores, cut, group_costs, select_channels
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
 from dfbf_cli.settings import PruneSettings, Scope
 
@@ -53,11 +53,12 @@ def main(synthetic: Path, scope: Scope, ratio: float) -> None:
     print("| group | channels | GFLOPs saved | pose / box mAP50-95 | real cost (pose mAP / GFLOP) | data-free cost (distance / GFLOP) |")
     print("|---|---|---|---|---|---|")
     real, free = [], []
+    scores = channel_scores(original, groups, settings.criterion, None)
     for group in groups:
         if group.name not in proxy:
             continue
         keep = settings.keep_count(group.size)
-        metrics = cut(original, groups, {group.name: keep}, settings.criterion).evaluate(data, imgsz=640, batch=16, device=CPU)
+        metrics = cut(original, groups, select_channels(scores, {group.name: keep})).evaluate(data, imgsz=640, batch=16, device=CPU)
         saved = flops.gflops({}) - flops.gflops({group.name: keep})
         real.append((base["pose_map50_95"] - metrics["pose_map50_95"]) / saved)
         free.append(proxy[group.name])

@@ -1,13 +1,14 @@
 """What to cut, and in how many steps, when a closed-form refit follows: docs/reconstruct.md's selection table.
 
     .venv/bin/python benchmarks/refit_selection.py cifar SYNTHETIC_DIR [--rows oneshot rounds2 rounds4 progressive energy]
-    .venv/bin/python benchmarks/refit_selection.py yolo SYNTHETIC_DIR --rows oneshot energy
+    .venv/bin/python benchmarks/refit_selection.py yolo|person SYNTHETIC_DIR --rows oneshot energy
 
 Every row ends at the same size (the one-shot counts of ratio 0.5 for ResNet-56, 0.3 for yolo11n-pose,
 backbone) and is refit by dfbf's reconstruction on the set's first 128 images; no fine-tuning.
 ``oneshot``: L1 selection, one refit (``dfbf prune --reconstruct``). ``roundsK``: K rounds of L1 selection
 on the current (refit) weights, each followed by a refit against the original. ``progressive``: Paoding's
-search with its merges (``--strategy progressive``), scored before and after the refit. ``energy``: per group the channels whose
+search with its merges (``--strategy progressive``), scored before and after the refit. ``energy``: ``dfbf prune --criterion
+energy --reconstruct``: per group the channels whose
 contribution to their consumers' outputs carries the most energy on the synthetic images (E[a²]·‖W[:, c]‖²
 summed over consumers: a first-order ThiNet), then the refit. Scores: the task metric, then the adapter's
 robustness metrics (classifiers: FGSM ε 0.01 / 0.05 and Gaussian noise σ 0.05; YOLO: under noise).
@@ -20,6 +21,7 @@ import copy
 import json
 import re
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -30,10 +32,10 @@ from dfbf_cli.adapters import load_data, load_model
 from dfbf_cli.contract import ModelAdapter
 from dfbf_cli.engine import progressive
 from dfbf_cli.engine.compress import round_keep
-from dfbf_cli.engine.pruning import apply_pruning, cut_indices, kept_outputs, plan_keep, prune
+from dfbf_cli.engine.pruning import cut_indices, kept_outputs, plan_keep, prune
 from dfbf_cli.engine.reconstruct import reconstruct
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
-from dfbf_cli.settings import ProgressiveSettings, PruneSettings
+from dfbf_cli.settings import Criterion, ProgressiveSettings, PruneSettings
 
 CPU = torch.device("cpu")
 REFIT_IMAGES, DAMPING = 128, 1e-3
@@ -41,40 +43,12 @@ CASES = {
     "cifar": (lambda: load_model("cifar-resnet56", str(asset("models/cifar10-resnet56.th"))), 0.5,
               lambda: load_data(str(asset("data/cifar10-test-dev.npz"))), 32, 500),
     "yolo": (lambda: load_model(str(asset("models/yolo11n-pose.pt"))), 0.3, lambda: load_data(private_copy("coco-mini-pose")), 640, 16),
+    "person": (lambda: load_model(str(asset("models/yolo11n-person.pt"))), 0.3, lambda: load_data(private_copy("coco-mini-person")), 640, 16),
 }
 
 
 def output_indices(model: nn.Module, groups, chosen: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: index for (name, side), index in cut_indices(model, groups, chosen).items() if side == "out"}
-
-
-@torch.no_grad()
-def energy_selection(original: ModelAdapter, settings: PruneSettings, keep: dict[str, int], images: torch.Tensor) -> dict[str, torch.Tensor]:
-    """Per group, the ``keep`` channels with the most energy E[a²]·‖W[:, c]‖² reaching their consumers (plain, not grouped, consumers)."""
-    groups, model = original.channel_groups(settings.scope), original.model.eval()
-    energy: dict[str, torch.Tensor] = {}
-    handles = []
-    for group in groups:
-        for piece in group.consumers:
-            def hook(module, inputs, group=group, piece=piece) -> None:
-                columns, x = slice(piece.offset, piece.offset + group.size), inputs[0].double()
-                if isinstance(module, nn.Linear):
-                    found = x[..., columns].square().reshape(-1, group.size).mean(0) * module.weight[:, columns].double().square().sum(0)
-                else:
-                    assert module.groups == 1, "channel groups feed plain convolutions (slice_module refuses grouped inputs)"
-                found = x[:, columns].square().mean((0, 2, 3)) * module.weight[:, columns].double().square().sum((0, 2, 3))
-                energy[group.name] = energy.get(group.name, 0) + found
-            handles.append(model.get_submodule(piece.module).register_forward_pre_hook(hook))
-    try:
-        for i in range(0, len(images), 32):
-            model(original.input_spec.normalize(images[i : i + 32].float() / 255))
-    finally:
-        for handle in handles:
-            handle.remove()
-    missing = [g.name for g in groups if g.name not in energy]
-    if missing:
-        raise SystemExit(f"no consumer of {', '.join(missing)} ran on the images: the energy criterion cannot score them")
-    return {g.name: torch.argsort(-energy[g.name].float(), stable=True)[: keep[g.name]].sort().values for g in groups}
 
 
 def students_for(row: str, original: ModelAdapter, settings: PruneSettings, keep: dict[str, int],
@@ -87,11 +61,9 @@ def students_for(row: str, original: ModelAdapter, settings: PruneSettings, keep
     groups = original.channel_groups(settings.scope)
     if row == "oneshot":
         return [(row, refit(prune(original, settings, keep)[0], kept_outputs(original, settings, keep)))]
-    if row == "energy":
-        chosen = energy_selection(original, settings, keep, images)
-        student = original.with_model(copy.deepcopy(original.model))
-        apply_pruning(student.model, student.channel_groups(settings.scope), chosen)
-        return [(row, refit(student, output_indices(original.model, groups, chosen)))]
+    if row == "energy":  # dfbf prune --criterion energy --reconstruct
+        energy, scored = replace(settings, criterion=Criterion.ENERGY), images.float() / 255
+        return [(row, refit(prune(original, energy, keep, scored)[0], kept_outputs(original, energy, keep, scored)))]
     if row == "progressive":
         cuts: dict[str, torch.Tensor] = {}
         cutter = progressive.apply_pruning
@@ -122,16 +94,18 @@ def main() -> None:
     parser.add_argument("case", choices=sorted(CASES))
     parser.add_argument("synthetic", type=Path)
     parser.add_argument("--rows", nargs="+", default=["oneshot", "rounds2", "rounds4", "progressive", "energy"])
+    parser.add_argument("--first", type=int, default=0, help="index of the first image used: another 128 of a larger set are another draw")
     args = parser.parse_args()
     unknown = [row for row in args.rows if not re.fullmatch(r"oneshot|progressive|energy|rounds[1-9][0-9]*", row)]
     if unknown:
         parser.error(f"unknown rows {unknown}: oneshot, progressive, energy or roundsK")
     load, ratio, data, imgsz, batch = CASES[args.case]
     original, labelled = load(), data()
-    images = SyntheticDataset.open(args.synthetic).load()[0][:REFIT_IMAGES]
+    images = SyntheticDataset.open(args.synthetic).load()[0][args.first : args.first + REFIT_IMAGES]
     settings = PruneSettings(ratio)
     keep = plan_keep(original, settings, imgsz=imgsz, probe=None, device=CPU)
-    print(f"machine: {machine(CPU)}; {args.case}, ratio {ratio}, {settings.scope}; refit on {len(images)} images of {args.synthetic}")
+    last = args.first + len(images) - 1
+    print(f"machine: {machine(CPU)}; {args.case}, ratio {ratio}, {settings.scope}; refit on images {args.first}-{last} of {args.synthetic}")
     for row in args.rows:
         started = time.perf_counter()
         made = students_for(row, original, settings, keep, images)

@@ -43,6 +43,7 @@ class Scope(Choice):
 class Criterion(Choice):
     L1 = "l1"  # filter L1 norm
     BN = "bn"  # BatchNorm |gamma|
+    ENERGY = "energy"  # the signal a channel sends its consumers on synthetic images (docs/reconstruct.md)
 
 
 class Schedule(Choice):

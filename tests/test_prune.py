@@ -14,7 +14,7 @@ from dfbf_cli.adapters import load_model
 from dfbf_cli.engine.efficiency import count_params, gflops
 from dfbf_cli.engine.pruning import FlopModel, plan_keep, prune
 from dfbf_cli.errors import DfbfError
-from dfbf_cli.settings import Allocation, PruneSettings, Scope
+from dfbf_cli.settings import Allocation, Criterion, PruneSettings, Scope
 from tests.conftest import shared_asset
 
 FAMILIES = [
@@ -231,3 +231,24 @@ def test_cutting_channels_that_carry_nothing_changes_nothing(spec):
     assert count_params(model) < count_params(load_model(spec).model)
     for a, b in zip(before, after):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_the_energy_criterion_drops_the_channel_nothing_reads_where_l1_keeps_it():
+    """Channel 3 of a block's hidden layer has the largest filter but the next convolution ignores it: energy
+    pruning (scored on images) removes it and the outputs stay exactly the same; L1 keeps it and they change."""
+    adapter = load_model("cifar-resnet20")
+    model = adapter.model.eval()
+    with torch.no_grad():
+        model.layer1[0].conv1.weight[3] *= 10
+        model.layer1[0].conv2.weight[:, 3] = 0
+    groups = adapter.channel_groups()
+    group = next(g for g in groups if any(p.module == "layer1.0.conv1" for p in g.producers))
+    keep = {g.name: g.size for g in groups} | {group.name: group.size - 1}
+    images = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    energy, _ = prune(adapter, PruneSettings(0.1, criterion=Criterion.ENERGY), keep, images)
+    l1, _ = prune(adapter, PruneSettings(0.1, criterion=Criterion.L1), keep)
+    x = adapter.input_spec.normalize(images)
+    torch.testing.assert_close(_outputs(energy, x), _outputs(adapter, x), rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(_outputs(l1, x)[0], _outputs(adapter, x)[0], atol=1e-3)
+    with pytest.raises(DfbfError, match="--synthetic"):  # it needs images
+        prune(adapter, PruneSettings(0.1, criterion=Criterion.ENERGY), keep)

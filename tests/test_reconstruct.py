@@ -11,7 +11,8 @@ from dfbf_cli.adapters import load_model
 from dfbf_cli.engine.features import feature_gap
 from dfbf_cli.engine.pruning import apply_pruning, cut_indices, kept_outputs, prune
 from dfbf_cli.engine.reconstruct import fitted_layers, reconstruct
-from dfbf_cli.settings import PruneSettings, Scope
+from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
+from dfbf_cli.settings import Criterion, PruneSettings, Scope
 
 CPU = torch.device("cpu")
 
@@ -88,7 +89,8 @@ def test_prune_reconstruct_writes_a_closer_model(run_cli, tmp_path, random_r20, 
     assert run_cli(*args, "--out", plain).code == 0
     result = run_cli(*args, "--out", refit, "--synthetic", random_r20_synthetic, "--reconstruct", "--json")
     assert result.code == 0, result.stderr
-    assert json.loads(result.stdout)["reconstructed"] is True
+    report = json.loads(result.stdout)
+    assert report["reconstructed"] is True and report["settings"]["criterion"] == "energy"  # the default where a refit follows
     teacher, probe = load_model(random_r20[0], random_r20[2]), _images(8, 32, seed=6).float() / 255
     gaps = [feature_gap(load_model(str(p)), teacher, probe, scope=Scope.BACKBONE, device=CPU) for p in (plain, refit)]
     assert gaps[1] < gaps[0]
@@ -121,3 +123,29 @@ def test_compress_resumes_after_reconstruction_without_redoing_it(run_cli, tmp_p
     assert set(json.loads(result.stdout)["fidelity"]["feature_distance_on_fresh_synthetic_images"]) == {"pruned", "reconstructed", "compressed"}
     rounds = run_cli(*args, "--rounds", "2")
     assert rounds.code == 2 and "leave it out with --rounds" in rounds.stderr
+
+
+def test_energy_pruning_is_refit_to_the_channels_it_kept(run_cli, tmp_path, random_r20, random_r20_synthetic):
+    """Energy scores depend on images: pruning and the reconstruction's targets must pick the same channels from the same ones."""
+    teacher, settings = load_model(random_r20[0], random_r20[2]), PruneSettings(0.5, criterion=Criterion.ENERGY)
+    images = SyntheticDataset.open(random_r20_synthetic).probe(16)
+    keep = {g.name: settings.keep_count(g.size) for g in teacher.channel_groups()}
+    pruned, _ = prune(teacher, settings, keep, images)
+    kept = kept_outputs(teacher, settings, keep, images)
+    differs = False
+    for name, index in kept.items():
+        module = teacher.model.get_submodule(name)
+        if isinstance(module, torch.nn.BatchNorm2d):
+            assert torch.equal(pruned.model.get_submodule(name).weight, module.weight[index]), name
+            differs |= not torch.equal(index, kept_outputs(teacher, PruneSettings(0.5), keep)[name])
+    assert differs  # energy chose other channels than L1 somewhere, so the check above has teeth
+
+    args = ["prune", *random_r20, "--ratio", "0.5", "--criterion", "energy", "--device", "cpu", "-q"]
+    missing = run_cli(*args, "--out", tmp_path / "x.safetensors")
+    assert missing.code == 2 and "--synthetic" in missing.stderr
+    plain, refit = tmp_path / "plain.safetensors", tmp_path / "refit.safetensors"
+    assert run_cli(*args, "--synthetic", random_r20_synthetic, "--out", plain).code == 0
+    assert run_cli(*args, "--synthetic", random_r20_synthetic, "--out", refit, "--reconstruct").code == 0
+    probe = _images(8, 32, seed=7).float() / 255
+    gaps = [feature_gap(load_model(str(p)), teacher, probe, scope=Scope.BACKBONE, device=CPU) for p in (plain, refit)]
+    assert gaps[1] < gaps[0]

@@ -46,10 +46,13 @@ def at_least(option: str, value: int | None, low: int) -> None:
         raise DfbfError(f"{option} must be at least {low}, got {value}.")
 
 
-def pruning_target(ratio: float | None, flops: float | None, **options) -> PruneSettings:
-    """The pruning target (a ratio or the GFLOPs to keep), validated once, here."""
+def pruning_target(ratio: float | None, flops: float | None, *, reconstruct: bool, **options) -> PruneSettings:
+    """The pruning target (a ratio or the GFLOPs to keep), validated once, here. Without a criterion, the best
+    measured one: energy where a refit follows (docs/reconstruct.md), L1 otherwise."""
     if ratio is not None:
         require_fraction("--ratio", ratio)
+    if options.get("criterion") is None:
+        options["criterion"] = Criterion.ENERGY if reconstruct else Criterion.L1
     kinds = {"scope": Scope, "allocation": Allocation, "criterion": Criterion, "schedule": Schedule}
     options = {name: choice(kinds[name], value, f"--{name}") if name in kinds else value for name, value in options.items()}
     return PruneSettings(ratio, flops, **options)  # which validates itself

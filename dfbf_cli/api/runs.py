@@ -66,18 +66,19 @@ class CompressRun:
 def compress(model: str, *, ratio: float | None = None, flops: float | None = None, weights: str | None = None, data: str | None = None,
              out: str | Path | None = None, scope: Scope = DEFAULT_SCOPE, allocation: Allocation = Allocation.UNIFORM, rounds: int = 1,
              reconstruct: bool = False, synthetic: str | Path | None = None, preset: PresetName = DEFAULT_PRESET, max_drop: float | None = None,
-             criterion: Criterion = Criterion.L1, schedule: Schedule = Schedule.UNIFORM, strategy: Strategy = Strategy.ONESHOT,
+             criterion: Criterion | None = None, schedule: Schedule = Schedule.UNIFORM, strategy: Strategy = Strategy.ONESHOT,
              num_images: int | None = None, epochs: int | None = None, imgsz: int | None = None, export: ExportFormat | None = None,
              int8: bool = False, allow_teacher_mismatch: bool = False, device: str | torch.device = "auto", precision: Precision = Precision.AUTO,
              seed: int = 0, on_progress: ProgressCallback = ignore) -> CompressRun:
-    """Synthesize → prune → fine-tune → evaluate ``model`` in one resumable run directory (``out``)."""
+    """Synthesize → prune → fine-tune → evaluate ``model`` in one resumable run directory (``out``). ``criterion``
+    None: energy with ``reconstruct``, L1 without."""
     from dfbf_cli.adapters import load_data, load_model
     from dfbf_cli.engine.compress import compress as run_compress
     from dfbf_cli.engine.compress import plan_compress
     from dfbf_cli.engine.runtime import resolve_precision
 
     where = as_device(device)
-    settings = pruning_target(ratio, flops, scope=scope, allocation=allocation, criterion=criterion, schedule=schedule)
+    settings = pruning_target(ratio, flops, reconstruct=reconstruct, scope=scope, allocation=allocation, criterion=criterion, schedule=schedule)
     preset, strategy, precision = choice(PresetName, preset, "--preset"), choice(Strategy, strategy, "--strategy"), choice(Precision, precision, "--precision")
     export = None if export is None else choice(ExportFormat, export, "--export")
     at_least("--imgsz", imgsz, 8), at_least("--num-images", num_images, 2), at_least("--epochs", epochs, 1)

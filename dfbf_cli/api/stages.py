@@ -80,29 +80,31 @@ class Pruned:
 
 
 def prune(model: str, *, ratio: float | None = None, flops: float | None = None, weights: str | None = None, out: str | Path | None = None,
-          scope: Scope = DEFAULT_SCOPE, allocation: Allocation = Allocation.UNIFORM, criterion: Criterion = Criterion.L1,
+          scope: Scope = DEFAULT_SCOPE, allocation: Allocation = Allocation.UNIFORM, criterion: Criterion | None = None,
           schedule: Schedule = Schedule.UNIFORM, min_channels: int = 8, round_to: int = 1, strategy: Strategy = Strategy.ONESHOT,
           synthetic: str | Path | None = None, reconstruct: bool = False, steps: int | None = None, dry_run: bool = False,
           imgsz: int | None = None, latency_runs: int = 20, device: str | torch.device = "auto", seed: int = 0,
           on_progress: ProgressCallback = ignore) -> Pruned:
-    """``model`` with channels removed for real, to a ratio or a GFLOPs target; the task head stays bit-identical."""
+    """``model`` with channels removed for real, to a ratio or a GFLOPs target; the task head stays bit-identical.
+    ``criterion`` None: energy with ``reconstruct``, L1 without."""
     from dfbf_cli.adapters import load_model
     from dfbf_cli.engine.distributed import current
     from dfbf_cli.engine.efficiency import check_imgsz, measure_efficiency
     from dfbf_cli.engine.progressive import progressive_prune
-    from dfbf_cli.engine.pruning import plan_keep
+    from dfbf_cli.engine.pruning import plan_keep, scoring_images
     from dfbf_cli.engine.pruning import prune as prune_model
     from dfbf_cli.engine.reconstruct import refit_pruned
 
     where, strategy = as_device(device), choice(Strategy, strategy, "--strategy")
-    settings = pruning_target(ratio, flops, scope=scope, allocation=allocation, criterion=criterion, schedule=schedule, min_channels=min_channels,
-                              round_to=round_to)
+    settings = pruning_target(ratio, flops, reconstruct=reconstruct, scope=scope, allocation=allocation, criterion=criterion, schedule=schedule,
+                              min_channels=min_channels, round_to=round_to)
     at_least("--imgsz", imgsz, 8), at_least("--latency-runs", latency_runs, 1), at_least("--steps", steps, 1)
     progressive = strategy == Strategy.PROGRESSIVE
-    needs_images = reconstruct or progressive or (flops is not None and allocation == Allocation.SENSITIVITY)
+    energy = settings.criterion == Criterion.ENERGY
+    needs_images = reconstruct or progressive or energy or (flops is not None and settings.allocation == Allocation.SENSITIVITY)
     refuse_unused(steps=(steps is not None and not progressive, "applies to --strategy progressive."),
-                  synthetic=(synthetic is not None and not needs_images, "is read by --reconstruct, --strategy progressive and --allocation "
-                             "sensitivity only."),
+                  synthetic=(synthetic is not None and not needs_images, "is read by --reconstruct, --strategy progressive, --criterion energy "
+                             "and --allocation sensitivity only."),
                   reconstruct=(reconstruct and progressive, "follows one-shot pruning; progressive pruning merges channels instead."),
                   out=(out is not None and dry_run, "does not apply to --dry-run, which writes nothing."))
     progressive_settings = replace(ProgressiveSettings(), steps=steps or ProgressiveSettings.steps)
@@ -113,21 +115,22 @@ def prune(model: str, *, ratio: float | None = None, flops: float | None = None,
         check_outputs([Output("--out", path)], input_paths(model=model, weights=weights, synthetic=synthetic))
     size = imgsz or original.input_spec.imgsz
     check_imgsz(original, size, 1, where, training=False)
-    probe = images = None
+    probe = images = scored = None
     if needs_images:
         if synthetic is None:
-            raise DfbfError("--reconstruct, --strategy progressive and --allocation sensitivity work on synthetic images: pass --synthetic DIR "
-                            "(from 'dfbf synthesize').")
+            raise DfbfError("--reconstruct, --strategy progressive, --criterion energy and --allocation sensitivity work on synthetic images: "
+                            "pass --synthetic DIR (from 'dfbf synthesize').")
         dataset = read_synthetic_set(synthetic, original, minimum=1, what="pruning", override=None)
         probe = dataset.probe(progressive_settings.probe_images)
         images = dataset.load()[0][: ReconstructSettings.images] if reconstruct else None
-    keep = plan_keep(original, settings, imgsz=size, probe=probe, device=where, on_progress=on_progress)
+        scored = scoring_images(settings.criterion, dataset.probe)
+    keep = plan_keep(original, settings, imgsz=size, probe=probe, device=where, images=scored, on_progress=on_progress)
     if progressive:
         pruned, outcomes = progressive_prune(original, settings, keep, progressive_settings, probe, seed=seed, on_progress=on_progress)
     else:
-        pruned, outcomes = prune_model(original, settings, keep)
+        pruned, outcomes = prune_model(original, settings, keep, scored)
     if images is not None:
-        refit_pruned(pruned, original, settings, keep, images, ReconstructSettings(), device=where, on_progress=on_progress)
+        refit_pruned(pruned, original, settings, keep, images, ReconstructSettings(), device=where, selection=scored, on_progress=on_progress)
     before, after = measure_efficiency([(original, size), (pruned, size)], device=where, runs=latency_runs)
     if path is not None and current().main:
         pruned.save(path)

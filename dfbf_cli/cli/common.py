@@ -45,7 +45,9 @@ ScopeOption = Annotated[Scope, typer.Option("--scope", help="What may be pruned:
     "module; the neck too, for YOLO). The task module always stays bit-identical.")]
 AllocationOption = Annotated[Allocation, typer.Option("--allocation", help="How a --flops target is shared: uniform (one ratio, solved) or "
     "sensitivity (groups measured one by one on --synthetic images; the cheapest go first).")]
-CriterionOption = Annotated[Criterion, typer.Option("--criterion", help="Channel importance: l1 (filter L1 norm) or bn (BatchNorm |gamma|).")]
+CriterionOption = Annotated[Criterion | None, typer.Option("--criterion", help="Channel importance: l1 (filter L1 norm), bn (BatchNorm |gamma|) "
+    "or energy (the signal each channel sends the next layers, measured on synthetic images: before a refit it keeps more, docs/reconstruct.md) "
+    "\\[default: energy with --reconstruct, l1 otherwise].", show_default=False)]
 ScheduleOption = Annotated[Schedule, typer.Option("--schedule", help="With --ratio: uniform (same ratio everywhere) or layer-dependent (DFBF's "
     "rule: more in wide layers).")]
 StrategyOption = Annotated[Strategy, typer.Option("--strategy", help="oneshot (all at once by --criterion) or progressive (Paoding-style: small "

@@ -25,7 +25,7 @@ from dfbf_cli.cli.common import (
     WeightsOption,
     session,
 )
-from dfbf_cli.settings import DEFAULT_PRESET, DEFAULT_SCOPE, Allocation, Criterion, ExportFormat, Precision, Schedule, Strategy
+from dfbf_cli.settings import DEFAULT_PRESET, DEFAULT_SCOPE, Allocation, ExportFormat, Precision, Schedule, Strategy
 
 
 def compress_command(
@@ -48,7 +48,7 @@ def compress_command(
     preset: PresetOption = DEFAULT_PRESET,
     max_drop: Annotated[float | None, typer.Option("--max-drop", help="Exit 1 if the task metric drops by more than this (in its own units: mAP "
         "0-1, top-1 percent); needs --data.")] = None,
-    criterion: CriterionOption = Criterion.L1,
+    criterion: CriterionOption = None,
     schedule: ScheduleOption = Schedule.UNIFORM,
     strategy: StrategyOption = Strategy.ONESHOT,
     num_images: Annotated[int | None, typer.Option("--num-images", min=2, help="Synthetic images to make \\[default: the "

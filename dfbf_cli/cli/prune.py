@@ -23,7 +23,7 @@ from dfbf_cli.cli.common import (
     WeightsOption,
     session,
 )
-from dfbf_cli.settings import DEFAULT_SCOPE, Allocation, Criterion, ProgressiveSettings, Schedule, Strategy
+from dfbf_cli.settings import DEFAULT_SCOPE, Allocation, ProgressiveSettings, Schedule, Strategy
 
 
 def prune_command(
@@ -33,13 +33,13 @@ def prune_command(
     scope: ScopeOption = DEFAULT_SCOPE,
     allocation: AllocationOption = Allocation.UNIFORM,
     out: Annotated[Path | None, typer.Option("--out", help="Output file, in the input's format \\[default: NAME-pruned.EXT here].", show_default=False)] = None,
-    criterion: CriterionOption = Criterion.L1,
+    criterion: CriterionOption = None,
     schedule: ScheduleOption = Schedule.UNIFORM,
     min_channels: Annotated[int, typer.Option("--min-channels", min=1, help="Never keep fewer channels than this in a group.")] = 8,
     round_to: Annotated[int, typer.Option("--round-to", min=1, help="Round kept channels to a multiple of this (8 suits most hardware).")] = 1,
     strategy: StrategyOption = Strategy.ONESHOT,
     synthetic: Annotated[Path | None, typer.Option("--synthetic", help="Synthetic dataset of this model (for --reconstruct, --strategy "
-        "progressive and --allocation sensitivity).")] = None,
+        "progressive, --criterion energy and --allocation sensitivity).")] = None,
     reconstruct: Annotated[bool, typer.Option("--reconstruct", help="Then refit the pruned layers in closed form to the original's outputs on "
         "--synthetic images (about a minute): a far better start for 'dfbf finetune'.")] = False,
     steps: Annotated[int | None, typer.Option("--steps", min=1, help=f"Progressive: rounds to reach the target \\[default: "

@@ -41,7 +41,7 @@ from dfbf_cli.engine.features import feature_gap
 from dfbf_cli.engine.finetune import EpochRecord, finetune
 from dfbf_cli.engine.progress import ProgressCallback, ignore
 from dfbf_cli.engine.progressive import progressive_prune
-from dfbf_cli.engine.pruning import plan_keep, prune
+from dfbf_cli.engine.pruning import plan_keep, prune, scoring_images
 from dfbf_cli.engine.reconstruct import refit_pruned
 from dfbf_cli.engine.report import write_report
 from dfbf_cli.engine.synthesis import plan_synthesis, run_synthesis
@@ -255,7 +255,8 @@ def _keep(plan: CompressPlan, dataset: SyntheticDataset, on_progress: ProgressCa
     def decide() -> None:
         if not plan.run.pruning.exists():
             probe = dataset.probe(plan.progressive.probe_images).to(plan.device)
-            keep = plan_keep(plan.original, plan.prune, imgsz=plan.original.input_spec.imgsz, probe=probe, device=plan.device, on_progress=on_progress)
+            keep = plan_keep(plan.original, plan.prune, imgsz=plan.original.input_spec.imgsz, probe=probe, device=plan.device,
+                             images=scoring_images(plan.prune.criterion, dataset.probe), on_progress=on_progress)
             write_json(plan.run.pruning, {"keep": keep})
 
     main_first(decide)
@@ -266,7 +267,7 @@ def _pruned(plan: CompressPlan, source: ModelAdapter, keep: dict[str, int], data
     if plan.strategy == Strategy.PROGRESSIVE:
         probe = dataset.probe(plan.progressive.probe_images)
         return progressive_prune(source, plan.prune, keep, plan.progressive, probe, seed=plan.seed, on_progress=on_progress)[0]
-    return prune(source, plan.prune, keep)[0]
+    return prune(source, plan.prune, keep, scoring_images(plan.prune.criterion, dataset.probe))[0]
 
 
 def _reconstructed(plan: CompressPlan, pruned: ModelAdapter, keep: dict[str, int], dataset: SyntheticDataset,
@@ -274,7 +275,8 @@ def _reconstructed(plan: CompressPlan, pruned: ModelAdapter, keep: dict[str, int
     images = dataset.load()[0][: plan.reconstruct.images]
     log.info("Reconstructing the pruned %s in closed form on %d synthetic image(s).", plan.prune.scope, len(images))
     student = pruned.with_model(copy.deepcopy(pruned.model))
-    refit_pruned(student, plan.original, plan.prune, keep, images, plan.reconstruct, device=plan.device, on_progress=on_progress)
+    refit_pruned(student, plan.original, plan.prune, keep, images, plan.reconstruct, device=plan.device,
+                 selection=scoring_images(plan.prune.criterion, dataset.probe), on_progress=on_progress)
     return student
 
 
@@ -303,7 +305,7 @@ def _distilled(plan: CompressPlan, keep: dict[str, int], start: ModelAdapter, da
         if rounds == 1:
             student = start.with_model(copy.deepcopy(start.model))
         else:
-            student = prune(student, plan.prune, round_keep(sizes, keep, k, rounds))[0]
+            student = prune(student, plan.prune, round_keep(sizes, keep, k, rounds), scoring_images(plan.prune.criterion, dataset.probe))[0]
         log.info("Fine-tuning%s %d epoch(s) over %d image(s) at %d px on %s (%s).", f" round {k}/{rounds}:" if rounds > 1 else "",
                  settings.epochs, len(images), dataset.imgsz, plan.device, settings.precision)
         records = finetune(student, original, images, settings=settings, scope=plan.prune.scope, device=plan.device, seed=plan.seed + k - 1,

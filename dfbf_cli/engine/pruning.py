@@ -26,6 +26,7 @@ from dfbf_cli.settings import MAX_GROUP_RATIO, Allocation, Criterion, PruneSetti
 
 SENSITIVITY_RATIO = 0.5  # each group is measured pruned alone at this ratio
 WEIGHT_RANGE = (0.25, 4.0)  # a group is pruned between a quarter and four times the common ratio
+ENERGY_IMAGES = 128  # synthetic images --criterion energy scores channels on, at most (as measured: docs/reconstruct.md)
 
 # -- importance criteria: a score per channel, higher means more important ---------------------------
 
@@ -51,13 +52,63 @@ def bn_importance(model: nn.Module, group: ChannelGroup) -> torch.Tensor:
     return bn.weight.detach()[offset : offset + group.size].abs()
 
 
-CRITERIA: dict[Criterion, Callable[[nn.Module, ChannelGroup], torch.Tensor]] = {Criterion.L1: l1_importance, Criterion.BN: bn_importance}
+@torch.no_grad()
+def energy_importance(adapter: ModelAdapter, groups: list[ChannelGroup], images: torch.Tensor, batch: int = 16) -> dict[str, torch.Tensor]:
+    """Per group, the energy each channel sends its consumers on ``images`` (floats in [0, 1]): E[a²]·‖W[:, c]‖²
+    summed over the consumers, one forward pass (a first-order ThiNet: what the layer after would lose)."""
+    model = adapter.model.eval()
+    device = next(model.parameters()).device
+    energy: dict[str, torch.Tensor] = {}
+
+    def recorder(group: ChannelGroup, offset: int):
+        def record(module: nn.Module, inputs: tuple) -> None:
+            if getattr(module, "groups", 1) != 1:
+                raise DfbfError(f"Channel group {group.name} feeds a grouped convolution, which --criterion energy cannot score; try l1.")
+            columns, x, w = slice(offset, offset + group.size), inputs[0].double(), module.weight.double()
+            if isinstance(module, nn.Linear):
+                found = x[..., columns].square().reshape(-1, group.size).mean(0) * w[:, columns].square().sum(0)
+            else:
+                found = x[:, columns].square().mean((0, 2, 3)) * w[:, columns].square().sum((0, 2, 3))
+            energy[group.name] = energy.get(group.name, 0) + found.cpu()
+
+        return record
+
+    handles = [model.get_submodule(piece.module).register_forward_pre_hook(recorder(group, piece.offset))
+               for group in groups for piece in group.consumers]
+    try:
+        for start in range(0, len(images), batch):
+            model(adapter.input_spec.normalize(images[start : start + batch].to(device)))
+    finally:
+        for handle in handles:
+            handle.remove()
+    unseen = [g.name for g in groups if g.name not in energy]
+    if unseen:
+        raise DfbfError(f"No consumer of channel group(s) {', '.join(unseen)} ran on the images, so --criterion energy cannot score them; try l1.")
+    return energy
 
 
-def select_channels(model: nn.Module, group: ChannelGroup, keep: int, criterion: Criterion) -> torch.Tensor:
-    """Indices (sorted) of the ``keep`` most important channels, ties to the lower index."""
-    scores = CRITERIA[criterion](model, group).float().cpu()
-    return torch.argsort(-scores, stable=True)[:keep].sort().values
+def scoring_images(criterion: Criterion, probe: Callable[[int], torch.Tensor]) -> torch.Tensor | None:
+    """The synthetic images ``criterion`` scores channels on (``probe(n)``: a dataset's first ``n`` as floats), if it needs any.
+    Pruning and the reconstruction that follows it must select on the same ones."""
+    return probe(ENERGY_IMAGES) if criterion == Criterion.ENERGY else None
+
+
+WEIGHT_CRITERIA: dict[Criterion, Callable[[nn.Module, ChannelGroup], torch.Tensor]] = {Criterion.L1: l1_importance, Criterion.BN: bn_importance}
+
+
+def channel_scores(adapter: ModelAdapter, groups: list[ChannelGroup], criterion: Criterion, images: torch.Tensor | None) -> dict[str, torch.Tensor]:
+    """Each group's channel importances (higher: more important). The weight criteria read the model alone;
+    ``energy`` also needs synthetic ``images`` (floats in [0, 1])."""
+    if criterion != Criterion.ENERGY:
+        return {g.name: WEIGHT_CRITERIA[criterion](adapter.model, g) for g in groups}
+    if images is None:
+        raise DfbfError("--criterion energy scores channels on synthetic images: pass --synthetic DIR (from 'dfbf synthesize').")
+    return energy_importance(adapter, groups, images)
+
+
+def select_channels(scores: dict[str, torch.Tensor], keep: dict[str, int]) -> dict[str, torch.Tensor]:
+    """Per group, the indices (sorted) of its ``keep`` most important channels, ties to the lower index."""
+    return {name: torch.argsort(-scores[name].float().cpu(), stable=True)[:count].sort().values for name, count in keep.items()}
 
 
 # -- how many channels each group keeps ------------------------------------------------------------
@@ -153,16 +204,18 @@ def _unreachable(smallest: float, original: float, budget: float) -> DfbfError:
 
 def group_costs(
     adapter: ModelAdapter, groups: list[ChannelGroup], probe: torch.Tensor, flops: FlopModel, settings: PruneSettings, *,
-    device: torch.device, on_progress: ProgressCallback = ignore,
+    device: torch.device, images: torch.Tensor | None = None, on_progress: ProgressCallback = ignore,
 ) -> dict[str, float]:
     """What each group costs, measured data-free: the group alone at half its channels, its feature distance
-    to the original on synthetic images, per GFLOP saved (groups that cannot shrink are left out)."""
+    to the original on synthetic images, per GFLOP saved (groups that cannot shrink are left out). ``images``:
+    what ``--criterion energy`` scores channels on."""
     costs = {}
+    scores = channel_scores(adapter, groups, settings.criterion, images)
     for index, group in enumerate(groups):
         keep = max(_floor(group, settings), settings.keep_count(group.size, SENSITIVITY_RATIO))
         saved = flops.gflops({}) - flops.gflops({group.name: keep})
         if keep < group.size and saved > 0:
-            alone = cut(adapter, groups, {group.name: keep}, settings.criterion)
+            alone = cut(adapter, groups, select_channels(scores, {group.name: keep}))
             costs[group.name] = feature_gap(alone, adapter, probe, scope=settings.scope, device=device) / saved
         on_progress(ProgressEvent("sensitivity", index + 1, len(groups), {"group": group.name}))
     return costs
@@ -178,9 +231,10 @@ def sensitivity_weights(costs: dict[str, float]) -> dict[str, float]:
 
 def plan_keep(
     adapter: ModelAdapter, settings: PruneSettings, *, imgsz: int, probe: torch.Tensor | None, device: torch.device,
-    on_progress: ProgressCallback = ignore,
+    images: torch.Tensor | None = None, on_progress: ProgressCallback = ignore,
 ) -> dict[str, int]:
-    """How many channels each group of ``settings.scope`` keeps, for a ratio or a GFLOPs target."""
+    """How many channels each group of ``settings.scope`` keeps, for a ratio or a GFLOPs target (``probe``: the
+    sensitivity allocation's images; ``images``: what ``--criterion energy`` scores channels on)."""
     groups = adapter.channel_groups(settings.scope)
     if settings.ratio is not None:
         return {g.name: settings.keep_count(g.size) for g in groups}
@@ -192,7 +246,7 @@ def plan_keep(
     if settings.allocation == Allocation.SENSITIVITY:
         if probe is None:
             raise DfbfError("--allocation sensitivity measures each group on synthetic images: pass --synthetic DIR (from 'dfbf synthesize').")
-        costs = group_costs(adapter, groups, probe, flops, settings, device=device, on_progress=on_progress)
+        costs = group_costs(adapter, groups, probe, flops, settings, device=device, images=images, on_progress=on_progress)
         weights = {g.name: 0.0 for g in groups} | sensitivity_weights(costs)
     return solve_ratio(groups, flops, budget, settings, weights)
 
@@ -287,33 +341,31 @@ def check_head_untouched(groups: list[ChannelGroup], head_modules: list[str]) ->
                 raise RuntimeError(f"channel group {group.name} reaches into the untouched part ({piece.module})")
 
 
-def _choose(model: nn.Module, groups: list[ChannelGroup], keep: dict[str, int], criterion: Criterion) -> dict[str, torch.Tensor]:
-    return {name: select_channels(model, next(g for g in groups if g.name == name), count, criterion) for name, count in keep.items()}
-
-
-def cut(adapter: ModelAdapter, groups: list[ChannelGroup], keep: dict[str, int], criterion: Criterion) -> ModelAdapter:
-    """A copy of the model with each named group cut to its keep count by ``criterion`` (others untouched)."""
+def cut(adapter: ModelAdapter, groups: list[ChannelGroup], chosen: dict[str, torch.Tensor]) -> ModelAdapter:
+    """A copy of the model with each named group cut to its ``chosen`` channels (others untouched)."""
     pruned = adapter.with_model(copy.deepcopy(adapter.model))
-    apply_pruning(pruned.model, groups, _choose(pruned.model, groups, keep, criterion))
+    apply_pruning(pruned.model, groups, chosen)
     return pruned
 
 
-def kept_outputs(adapter: ModelAdapter, settings: PruneSettings, keep: dict[str, int]) -> dict[str, torch.Tensor]:
+def kept_outputs(adapter: ModelAdapter, settings: PruneSettings, keep: dict[str, int], images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """The output channels of ``adapter``'s layers that one-shot pruning to ``keep`` leaves (indices into the
-    original's; layers absent keep all): what reconstruction fits each pruned layer to."""
+    original's; layers absent keep all): what reconstruction fits each pruned layer to. ``images``: as :func:`prune`'s."""
     groups = adapter.channel_groups(settings.scope)
-    indices = cut_indices(adapter.model, groups, _choose(adapter.model, groups, keep, settings.criterion))
+    indices = cut_indices(adapter.model, groups, select_channels(channel_scores(adapter, groups, settings.criterion, images), keep))
     return {name: index for (name, side), index in indices.items() if side == "out"}
 
 
-def prune(adapter: ModelAdapter, settings: PruneSettings, keep: dict[str, int] | None = None) -> tuple[ModelAdapter, list[GroupOutcome]]:
+def prune(adapter: ModelAdapter, settings: PruneSettings, keep: dict[str, int] | None = None,
+          images: torch.Tensor | None = None) -> tuple[ModelAdapter, list[GroupOutcome]]:
     """A pruned copy of the model (the original is untouched) and what happened to each group. ``keep``
-    (channels per group) comes from :func:`plan_keep`; without it, ``settings.ratio`` decides."""
+    (channels per group) comes from :func:`plan_keep`; without it, ``settings.ratio`` decides. ``images``
+    (floats in [0, 1]): what ``--criterion energy`` scores channels on."""
     groups = adapter.channel_groups(settings.scope)
     if keep is None:
         if settings.ratio is None:
             raise ValueError("a GFLOPs target needs plan_keep() to share it among the groups")
         keep = {g.name: settings.keep_count(g.size) for g in groups}
     check_head_untouched(groups, adapter.split(settings.scope).head_modules)
-    pruned = cut(adapter, groups, keep, settings.criterion)
+    pruned = cut(adapter, groups, select_channels(channel_scores(adapter, groups, settings.criterion, images), keep))
     return pruned, [GroupOutcome(g.name, g.stage, g.size, keep[g.name]) for g in groups]

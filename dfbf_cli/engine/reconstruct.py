@@ -141,11 +141,13 @@ def reconstruct(
 
 
 def refit_pruned(student: ModelAdapter, original: ModelAdapter, prune: PruneSettings, keep: dict[str, int], images: torch.Tensor,
-                 settings: ReconstructSettings, *, device: torch.device, on_progress: ProgressCallback = ignore) -> list[LayerFit]:
-    """:func:`reconstruct` a model that one-shot pruning cut from ``original`` to ``keep`` channels per group."""
+                 settings: ReconstructSettings, *, device: torch.device, selection: torch.Tensor | None = None,
+                 on_progress: ProgressCallback = ignore) -> list[LayerFit]:
+    """:func:`reconstruct` a model that one-shot pruning cut from ``original`` to ``keep`` channels per group
+    (``selection``: the images pruning scored channels on, if its criterion needed any)."""
     from dfbf_cli.engine.pruning import kept_outputs
 
-    return reconstruct(student, original, images, kept=kept_outputs(original, prune, keep), scope=prune.scope, damping=settings.damping,
+    return reconstruct(student, original, images, kept=kept_outputs(original, prune, keep, selection), scope=prune.scope, damping=settings.damping,
                        device=device, on_progress=on_progress)
 
 
