@@ -65,10 +65,10 @@ def test_progressive_reaches_the_ratio_exactly_and_is_seeded(spec):
 
 
 def test_progressive_keeps_more_accuracy_than_one_shot_at_the_same_size():
-    """The paper's claim, on a real model before fine-tuning (measured: 19.8 % vs 11.3 % top-1 at 0.5)."""
+    """The paper's claim, on a real model before fine-tuning (measured with this test's settings: 19.2 % vs 11.6 % top-1 at 0.5)."""
     adapter = load_model("cifar-resnet20", str(shared_asset("models/cifar10-resnet20.th")))
     data = cifar_subset(50)
-    probe = torch.from_numpy(data.arrays[::63]).permute(0, 3, 1, 2).float() / 255  # 8 images across classes
+    probe = torch.from_numpy(data.arrays[::125]).permute(0, 3, 1, 2).float() / 255  # 4 images across classes (8: 16.2 %, in 1.5× the time)
     settings = PruneSettings(0.5)
     keep = {g.name: settings.keep_count(g.size) for g in adapter.channel_groups()}
     progressive, _ = progressive_prune(adapter, settings, keep, ProgressiveSettings(steps=4), probe, seed=0)  # 4 steps: the gap holds, in half the time of 8

@@ -45,7 +45,7 @@ def _quantize_openvino(fp32: Path, target: Path, calibration: torch.Tensor, imgs
 
     model = ov.Core().read_model(str(next(fp32.glob("*.xml"))))
     samples = [(TF.resize(image, [imgsz, imgsz], antialias=True).float() / 255).unsqueeze(0).numpy() for image in calibration]
-    quantized, kept = quantize_openvino(model, samples, recipe, keep_fp=_decode_ops(model))
+    quantized, kept = quantize_openvino(model, samples, recipe, keep_fp=decode_ops(model))
     target.mkdir()
     ov.save_model(quantized, str(target / "model.xml"), compress_to_fp16=False)
     for extra in fp32.iterdir():
@@ -54,7 +54,7 @@ def _quantize_openvino(fp32: Path, target: Path, calibration: torch.Tensor, imgs
     return Artefact(target, tuple(kept))
 
 
-def _decode_ops(model) -> list[str]:
+def decode_ops(model) -> list[str]:
     """The detection head's decode (box distribution, anchors, sigmoids): kept in FP, as Ultralytics' INT8 keeps it."""
     operations = model.get_ordered_ops()
     sigmoids = [op.get_friendly_name() for op in operations if op.get_type_name() == "Sigmoid"]
