@@ -5,7 +5,7 @@
 
 Every row ends at the same size (the one-shot counts of ratio 0.5 for ResNet-56, 0.3 for yolo11n-pose,
 backbone) and is refit by dfbf's reconstruction on the set's first 128 images; no fine-tuning.
-``oneshot``: L1 selection, one refit (``dfbf prune --reconstruct``). ``roundsK``: K rounds of L1 selection
+``oneshot``: L1 selection, one refit (``dfbf prune --reconstruct --criterion l1``). ``roundsK``: K rounds of L1 selection
 on the current (refit) weights, each followed by a refit against the original. ``progressive``: Paoding's
 search with its merges (``--strategy progressive``), scored before and after the refit. ``energy``: ``dfbf prune --criterion
 energy --reconstruct``: per group the channels whose
