@@ -27,7 +27,7 @@ from torch import nn
 from dfbf_cli.adapters import load_data, load_model
 from dfbf_cli.contract import ModelAdapter
 from dfbf_cli.engine.finetune import finetune
-from dfbf_cli.engine.pruning import kept_outputs, prune
+from dfbf_cli.engine.pruning import choose, kept_outputs, prune
 from dfbf_cli.engine.reconstruct import fitted_layers
 from dfbf_cli.engine.runtime import resolve_precision
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
@@ -109,7 +109,7 @@ def main() -> None:
     teacher, labelled = load(), data()
     images = SyntheticDataset.open(args.synthetic).load()[0]
     settings = PruneSettings(ratio)
-    kept = kept_outputs(teacher, settings, {g.name: settings.keep_count(g.size) for g in teacher.channel_groups(settings.scope)})
+    kept = kept_outputs(teacher, settings.scope, choose(teacher, settings))
     if args.case == "yolo":
         students = [(path, load_model(path)) for path in args.students]
     else:

@@ -30,7 +30,7 @@ from common import asset, machine, private_copy
 from dfbf_cli.adapters import load_data, load_model
 from dfbf_cli.engine import finetune as distillation
 from dfbf_cli.engine.finetune import finetune
-from dfbf_cli.engine.pruning import prune
+from dfbf_cli.engine.pruning import choose, prune
 from dfbf_cli.engine.reconstruct import refit_pruned
 from dfbf_cli.engine.runtime import resolve_precision
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
@@ -110,8 +110,8 @@ def main() -> None:
     original, labelled = load(), data()
     images = SyntheticDataset.open(args.synthetic).load()[0]
     settings = PruneSettings(ratio)
-    student, _ = prune(original, settings)
-    keep = {g.name: settings.keep_count(g.size) for g in original.channel_groups(settings.scope)}
+    chosen = choose(original, settings)
+    student, _ = prune(original, settings, chosen)
 
     def score() -> dict[str, float]:
         found = student.evaluate(labelled, imgsz=imgsz, batch=500 if args.case == "cifar" else 16, device=CPU)
@@ -120,7 +120,7 @@ def main() -> None:
     result = {"machine": machine(CPU), **vars(args), "synthetic": str(args.synthetic)}
     started = time.perf_counter()
     if args.reconstruct:
-        refit_pruned(student, original, settings, keep, images[: args.reconstruct], ReconstructSettings(), device=CPU)
+        refit_pruned(student, original, settings.scope, chosen, images[: args.reconstruct], ReconstructSettings(), device=CPU)
     result |= {"reconstruct_s": round(time.perf_counter() - started, 1), "start": score()}
     tuning = FinetuneSettings(epochs=max(1, args.steps // (len(images) // BATCH)), batch=BATCH, precision=resolve_precision("auto", CPU),
                               renew=args.renew, renew_steps=args.renew_steps, adversarial=args.adversarial)

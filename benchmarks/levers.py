@@ -30,7 +30,7 @@ from dfbf_cli.adapters import load_data, load_model
 from dfbf_cli.engine.compress import round_keep
 from dfbf_cli.engine.efficiency import measure_efficiency
 from dfbf_cli.engine.finetune import finetune
-from dfbf_cli.engine.pruning import plan_keep, prune
+from dfbf_cli.engine.pruning import choose, plan_keep, prune
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
 from dfbf_cli.settings import PRESETS, Allocation, FinetuneSettings, Precision, PresetName, PruneSettings, Scope
 
@@ -66,7 +66,7 @@ def main() -> None:
     finetuning = FinetuneSettings(epochs=math.ceil(epochs / args.rounds), precision=Precision.BF16)
     student, start = original, time.perf_counter()
     for k in range(1, args.rounds + 1):
-        student = prune(student, settings, round_keep(sizes, keep, k, args.rounds))[0]
+        student = prune(student, settings, choose(student, settings, round_keep(sizes, keep, k, args.rounds)))[0]
         history = finetune(student, original, images, settings=finetuning, scope=settings.scope, device=CPU, seed=k - 1,
                            state_path=args.work / f"{tag}.round{k}.state.pt", data_id=dataset.content_id(), resume=True)
     minutes = (time.perf_counter() - start) / 60

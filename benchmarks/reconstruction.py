@@ -24,7 +24,7 @@ from common import asset, machine, private_copy
 from dfbf_cli.adapters import load_data, load_model
 from dfbf_cli.engine.efficiency import model_gflops
 from dfbf_cli.engine.features import feature_gap
-from dfbf_cli.engine.pruning import kept_outputs, plan_keep, prune
+from dfbf_cli.engine.pruning import choose, kept_outputs, plan_keep, prune
 from dfbf_cli.engine.reconstruct import reconstruct
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
 from dfbf_cli.settings import PruneSettings, Scope
@@ -54,8 +54,9 @@ def main() -> None:
     held_back = images[-HELD_BACK:].float() / 255
     settings = PruneSettings(None if args.flops else ratio, args.flops, scope=args.scope)
     keep = plan_keep(original, settings, imgsz=imgsz, probe=None, device=CPU)
-    pruned, _ = prune(original, settings, keep)
-    kept = kept_outputs(original, settings, keep)
+    chosen = choose(original, settings, keep)
+    pruned, _ = prune(original, settings, chosen)
+    kept = kept_outputs(original, settings.scope, chosen)
     cost = [model_gflops(m, imgsz) for m in (original, pruned)]
 
     def row(label: str, model, seconds: float | None) -> None:

@@ -32,7 +32,7 @@ from dfbf_cli.adapters import load_data, load_model
 from dfbf_cli.contract import ModelAdapter
 from dfbf_cli.engine import progressive
 from dfbf_cli.engine.compress import round_keep
-from dfbf_cli.engine.pruning import cut_indices, kept_outputs, plan_keep, prune
+from dfbf_cli.engine.pruning import choose, cut_indices, kept_outputs, plan_keep, prune
 from dfbf_cli.engine.reconstruct import reconstruct
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
 from dfbf_cli.settings import Criterion, ProgressiveSettings, PruneSettings
@@ -59,11 +59,10 @@ def students_for(row: str, original: ModelAdapter, settings: PruneSettings, keep
         return student
 
     groups = original.channel_groups(settings.scope)
-    if row == "oneshot":
-        return [(row, refit(prune(original, settings, keep)[0], kept_outputs(original, settings, keep)))]
-    if row == "energy":  # dfbf prune --criterion energy --reconstruct
-        energy, scored = replace(settings, criterion=Criterion.ENERGY), images.float() / 255
-        return [(row, refit(prune(original, energy, keep, scored)[0], kept_outputs(original, energy, keep, scored)))]
+    if row in ("oneshot", "energy"):  # dfbf prune --reconstruct --criterion l1 | energy
+        selecting = replace(settings, criterion=Criterion.ENERGY if row == "energy" else Criterion.L1)
+        chosen = choose(original, selecting, keep, images.float() / 255 if row == "energy" else None)
+        return [(row, refit(prune(original, selecting, chosen)[0], kept_outputs(original, settings.scope, chosen)))]
     if row == "progressive":
         cuts: dict[str, torch.Tensor] = {}
         cutter = progressive.apply_pruning
@@ -83,9 +82,10 @@ def students_for(row: str, original: ModelAdapter, settings: PruneSettings, keep
     sizes = {g.name: g.size for g in groups}
     for k in range(1, rounds + 1):
         counts = round_keep(sizes, keep, k, rounds)
-        now = kept_outputs(student, settings, counts)  # indices into the current student's channels
+        chosen = choose(student, settings, counts)
+        now = kept_outputs(student, settings.scope, chosen)  # indices into the current student's channels
         kept = {name: kept[name][index] if name in kept else index for name, index in now.items()} | {n: i for n, i in kept.items() if n not in now}
-        student = refit(prune(student, settings, counts)[0], kept)
+        student = refit(prune(student, settings, chosen)[0], kept)
     return [(row, student)]
 
 

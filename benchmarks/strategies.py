@@ -22,7 +22,7 @@ from common import asset, machine, private_copy
 from dfbf_cli.adapters import load_data, load_model
 from dfbf_cli.engine.finetune import finetune
 from dfbf_cli.engine.progressive import progressive_prune
-from dfbf_cli.engine.pruning import plan_keep, prune
+from dfbf_cli.engine.pruning import choose, plan_keep, prune
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
 from dfbf_cli.settings import FinetuneSettings, ProgressiveSettings, PruneSettings, Scope, Strategy
 
@@ -59,7 +59,7 @@ def main(kind: str, synthetic: Path, epochs: int) -> None:
             if strategy == Strategy.PROGRESSIVE:
                 pruned, _ = progressive_prune(original, settings, keep, ProgressiveSettings(), probe, seed=0)
             else:
-                pruned, _ = prune(original, settings, keep)
+                pruned, _ = prune(original, settings, choose(original, settings, keep))
             prune_seconds = time.perf_counter() - start
             before = scores(pruned)
             start = time.perf_counter()

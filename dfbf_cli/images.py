@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
-from torchvision.transforms.v2 import functional as TF
 
 from dfbf_cli.errors import DfbfError
 
@@ -55,6 +54,8 @@ def fit_to_square(image: torch.Tensor, imgsz: int) -> torch.Tensor:
     """Resize (shorter side) and centre-crop a C×H×W image to imgsz×imgsz; identity when already that size."""
     if image.shape[-2:] == (imgsz, imgsz):
         return image
+    from torchvision.transforms.v2 import functional as TF  # pulls in torch._dynamo: seconds a command need not pay
+
     image = TF.resize(image, [round(imgsz / CENTER_CROP_FRACTION)], antialias=True)
     return TF.center_crop(image, [imgsz, imgsz])
 

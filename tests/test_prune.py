@@ -12,7 +12,7 @@ import torch
 
 from dfbf_cli.adapters import load_model
 from dfbf_cli.engine.efficiency import count_params, gflops
-from dfbf_cli.engine.pruning import FlopModel, plan_keep, prune
+from dfbf_cli.engine.pruning import FlopModel, choose, plan_keep, prune
 from dfbf_cli.errors import DfbfError
 from dfbf_cli.settings import Allocation, Criterion, PruneSettings, Scope
 from tests.conftest import shared_asset
@@ -116,7 +116,7 @@ def test_flop_model_agrees_with_torch_flop_counter(spec):
     x = torch.zeros(1, 3, size, size)
     flops = FlopModel(original.model, groups, x)
     keep = {g.name: max(1, g.size - (index % 5) * g.size // 8) for index, g in enumerate(groups)}  # uneven, some untouched
-    pruned, _ = prune(original, PruneSettings(0.5, scope=scope), keep)
+    pruned, _ = prune(original, PruneSettings(0.5, scope=scope), choose(original, PruneSettings(0.5, scope=scope), keep))
     assert flops.gflops({}) == pytest.approx(gflops(original.model, x), rel=1e-9)
     assert flops.gflops(keep) == pytest.approx(gflops(pruned.model, x), rel=1e-9)
 
@@ -128,7 +128,7 @@ def test_a_flops_target_is_met_within_one_rounding_step(allocation, target):
     settings = PruneSettings(flops=target, scope=Scope.TRUNK, allocation=allocation)
     probe = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
     keep = plan_keep(original, settings, imgsz=128, probe=probe, device=torch.device("cpu"))
-    pruned, _ = prune(original, settings, keep)
+    pruned, _ = prune(original, settings, choose(original, settings, keep))
     x = torch.zeros(1, 3, 128, 128)
     base, achieved = gflops(original.model, x), gflops(pruned.model, x)
     groups = original.channel_groups(Scope.TRUNK)
@@ -245,10 +245,10 @@ def test_the_energy_criterion_drops_the_channel_nothing_reads_where_l1_keeps_it(
     group = next(g for g in groups if any(p.module == "layer1.0.conv1" for p in g.producers))
     keep = {g.name: g.size for g in groups} | {group.name: group.size - 1}
     images = torch.rand(8, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    energy, _ = prune(adapter, PruneSettings(0.1, criterion=Criterion.ENERGY), keep, images)
-    l1, _ = prune(adapter, PruneSettings(0.1, criterion=Criterion.L1), keep)
+    energy, _ = prune(adapter, PruneSettings(0.1), choose(adapter, PruneSettings(0.1, criterion=Criterion.ENERGY), keep, images))
+    l1, _ = prune(adapter, PruneSettings(0.1), choose(adapter, PruneSettings(0.1, criterion=Criterion.L1), keep))
     x = adapter.input_spec.normalize(images)
     torch.testing.assert_close(_outputs(energy, x), _outputs(adapter, x), rtol=1e-5, atol=1e-5)
     assert not torch.allclose(_outputs(l1, x)[0], _outputs(adapter, x)[0], atol=1e-3)
     with pytest.raises(DfbfError, match="--synthetic"):  # it needs images
-        prune(adapter, PruneSettings(0.1, criterion=Criterion.ENERGY), keep)
+        choose(adapter, PruneSettings(0.1, criterion=Criterion.ENERGY), keep)

@@ -9,7 +9,7 @@ import torch
 
 from dfbf_cli.adapters import load_model
 from dfbf_cli.engine.features import feature_gap
-from dfbf_cli.engine.pruning import apply_pruning, cut_indices, kept_outputs, prune
+from dfbf_cli.engine.pruning import apply_pruning, choose, cut_indices, kept_outputs, prune
 from dfbf_cli.engine.reconstruct import fitted_layers, reconstruct
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
 from dfbf_cli.settings import Criterion, PruneSettings, Scope
@@ -52,11 +52,11 @@ def test_reconstruction_lowers_each_layers_error_and_the_feature_gap():
     torch.manual_seed(1)
     teacher = load_model("cifar-resnet20")
     settings = PruneSettings(0.5)
-    student, _ = prune(teacher, settings)
-    keep = {g.name: settings.keep_count(g.size) for g in teacher.channel_groups(settings.scope)}
+    chosen = choose(teacher, settings)
+    student, _ = prune(teacher, settings, chosen)
     probe = _images(8, 32, seed=3).float() / 255
     before = feature_gap(student, teacher, probe, scope=settings.scope, device=CPU)
-    fits = reconstruct(student, teacher, _images(32, 32, seed=4), kept=kept_outputs(teacher, settings, keep), scope=settings.scope,
+    fits = reconstruct(student, teacher, _images(32, 32, seed=4), kept=kept_outputs(teacher, settings.scope, chosen), scope=settings.scope,
                        damping=1e-3, device=CPU)
     assert len(fits) == len(fitted_layers(student, settings.scope, probe[:1])) and fits
     assert all(f.after <= f.before for f in fits)  # on its own images, no layer ends worse than it started
@@ -69,13 +69,13 @@ def test_reconstruction_leaves_the_head_bit_identical_and_follows_batchnorm(rand
     neck and head (backbone scope) are not touched."""
     teacher = load_model(str(random_pose[0]))
     settings = PruneSettings(0.3)
-    student, _ = prune(teacher, settings)
-    keep = {g.name: settings.keep_count(g.size) for g in teacher.channel_groups(settings.scope)}
+    chosen = choose(teacher, settings)
+    student, _ = prune(teacher, settings, chosen)
     layers = fitted_layers(student, settings.scope, torch.zeros(1, 3, 64, 64))
     assert layers and all(bn is not None for _, bn in layers)  # every Ultralytics Conv is conv → bn → act
     head_prefixes = tuple(f"{name}." for name in student.split(settings.scope).head_modules)
     before = {k: v.clone() for k, v in student.model.state_dict().items()}
-    reconstruct(student, teacher, _images(8, 64, seed=5), kept=kept_outputs(teacher, settings, keep), scope=settings.scope,
+    reconstruct(student, teacher, _images(8, 64, seed=5), kept=kept_outputs(teacher, settings.scope, chosen), scope=settings.scope,
                 damping=1e-3, device=CPU)
     after = student.model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items() if k.startswith(head_prefixes))
@@ -126,18 +126,19 @@ def test_compress_resumes_after_reconstruction_without_redoing_it(run_cli, tmp_p
 
 
 def test_energy_pruning_is_refit_to_the_channels_it_kept(run_cli, tmp_path, random_r20, random_r20_synthetic):
-    """Energy scores depend on images: pruning and the reconstruction's targets must pick the same channels from the same ones."""
+    """The reconstruction's targets are the channels pruning kept, which energy chose on images."""
     teacher, settings = load_model(random_r20[0], random_r20[2]), PruneSettings(0.5, criterion=Criterion.ENERGY)
     images = SyntheticDataset.open(random_r20_synthetic).probe(16)
     keep = {g.name: settings.keep_count(g.size) for g in teacher.channel_groups()}
-    pruned, _ = prune(teacher, settings, keep, images)
-    kept = kept_outputs(teacher, settings, keep, images)
+    chosen = choose(teacher, settings, keep, images)
+    pruned, _ = prune(teacher, settings, chosen)
+    kept = kept_outputs(teacher, settings.scope, chosen)
     differs = False
     for name, index in kept.items():
         module = teacher.model.get_submodule(name)
         if isinstance(module, torch.nn.BatchNorm2d):
             assert torch.equal(pruned.model.get_submodule(name).weight, module.weight[index]), name
-            differs |= not torch.equal(index, kept_outputs(teacher, PruneSettings(0.5), keep)[name])
+            differs |= not torch.equal(index, kept_outputs(teacher, settings.scope, choose(teacher, PruneSettings(0.5), keep))[name])
     assert differs  # energy chose other channels than L1 somewhere, so the check above has teeth
 
     args = ["prune", *random_r20, "--ratio", "0.5", "--criterion", "energy", "--device", "cpu", "-q"]

@@ -91,7 +91,7 @@ def prune(model: str, *, ratio: float | None = None, flops: float | None = None,
     from dfbf_cli.engine.distributed import current
     from dfbf_cli.engine.efficiency import check_imgsz, measure_efficiency
     from dfbf_cli.engine.progressive import progressive_prune
-    from dfbf_cli.engine.pruning import plan_keep, scoring_images
+    from dfbf_cli.engine.pruning import choose, plan_keep, scoring_images
     from dfbf_cli.engine.pruning import prune as prune_model
     from dfbf_cli.engine.reconstruct import refit_pruned
 
@@ -128,9 +128,10 @@ def prune(model: str, *, ratio: float | None = None, flops: float | None = None,
     if progressive:
         pruned, outcomes = progressive_prune(original, settings, keep, progressive_settings, probe, seed=seed, on_progress=on_progress)
     else:
-        pruned, outcomes = prune_model(original, settings, keep, scored)
-    if images is not None:
-        refit_pruned(pruned, original, settings, keep, images, ReconstructSettings(), device=where, selection=scored, on_progress=on_progress)
+        chosen = choose(original, settings, keep, scored)
+        pruned, outcomes = prune_model(original, settings, chosen)
+        if images is not None:
+            refit_pruned(pruned, original, settings.scope, chosen, images, ReconstructSettings(), device=where, on_progress=on_progress)
     before, after = measure_efficiency([(original, size), (pruned, size)], device=where, runs=latency_runs)
     if path is not None and current().main:
         pruned.save(path)

@@ -41,7 +41,7 @@ from dfbf_cli.engine.features import feature_gap
 from dfbf_cli.engine.finetune import EpochRecord, finetune
 from dfbf_cli.engine.progress import ProgressCallback, ignore
 from dfbf_cli.engine.progressive import progressive_prune
-from dfbf_cli.engine.pruning import plan_keep, prune, scoring_images
+from dfbf_cli.engine.pruning import choose, plan_keep, prune, scoring_images
 from dfbf_cli.engine.reconstruct import refit_pruned
 from dfbf_cli.engine.report import write_report
 from dfbf_cli.engine.synthesis import plan_synthesis, run_synthesis
@@ -249,34 +249,51 @@ def _synthesize(plan: CompressPlan, folder: Path, count: int, seed: int, on_prog
     return run_synthesis(plan.original, synthesis, device=plan.device, on_progress=on_progress)
 
 
-def _keep(plan: CompressPlan, dataset: SyntheticDataset, on_progress: ProgressCallback) -> dict[str, int]:
-    """Channels each group keeps (saved: the allocation measures the groups, which takes a while), decided
-    by rank 0 under torchrun and read by the others."""
+@dataclass(frozen=True)
+class Selection:
+    """What pruning keeps: channels per group, and for one-shot pruning which ones (``chosen``: the cut and the refit read them)."""
+
+    keep: dict[str, int]
+    chosen: dict[str, torch.Tensor] | None
+
+
+def _selection(plan: CompressPlan, dataset: SyntheticDataset, on_progress: ProgressCallback) -> Selection:
+    """Decided once and saved (the allocation measures the groups and the energy criterion scores channels on images,
+    which take a while): by rank 0 under torchrun, read by the others."""
+    one_shot = plan.strategy == Strategy.ONESHOT  # (with --rounds, the pruned model of the report is cut in one shot too)
+
     def decide() -> None:
-        if not plan.run.pruning.exists():
+        saved = read_json(plan.run.pruning, "the pruning plan") if plan.run.pruning.exists() else {}
+        if "keep" in saved and (saved.get("chosen") or not one_shot):
+            return
+        scored = scoring_images(plan.prune.criterion, dataset.probe)
+        if "keep" not in saved:
             probe = dataset.probe(plan.progressive.probe_images).to(plan.device)
-            keep = plan_keep(plan.original, plan.prune, imgsz=plan.original.input_spec.imgsz, probe=probe, device=plan.device,
-                             images=scoring_images(plan.prune.criterion, dataset.probe), on_progress=on_progress)
-            write_json(plan.run.pruning, {"keep": keep})
+            saved["keep"] = plan_keep(plan.original, plan.prune, imgsz=plan.original.input_spec.imgsz, probe=probe, device=plan.device,
+                                      images=scored, on_progress=on_progress)
+        if one_shot:
+            saved["chosen"] = {name: index.tolist() for name, index in choose(plan.original, plan.prune, saved["keep"], scored).items()}
+        write_json(plan.run.pruning, saved)
 
     main_first(decide)
-    return read_json(plan.run.pruning, "the pruning plan")["keep"]
+    saved = read_json(plan.run.pruning, "the pruning plan")
+    chosen = saved.get("chosen")
+    return Selection(saved["keep"], chosen and {name: torch.tensor(index, dtype=torch.long) for name, index in chosen.items()})
 
 
-def _pruned(plan: CompressPlan, source: ModelAdapter, keep: dict[str, int], dataset: SyntheticDataset, on_progress: ProgressCallback) -> ModelAdapter:
+def _pruned(plan: CompressPlan, selection: Selection, dataset: SyntheticDataset, on_progress: ProgressCallback) -> ModelAdapter:
     if plan.strategy == Strategy.PROGRESSIVE:
         probe = dataset.probe(plan.progressive.probe_images)
-        return progressive_prune(source, plan.prune, keep, plan.progressive, probe, seed=plan.seed, on_progress=on_progress)[0]
-    return prune(source, plan.prune, keep, scoring_images(plan.prune.criterion, dataset.probe))[0]
+        return progressive_prune(plan.original, plan.prune, selection.keep, plan.progressive, probe, seed=plan.seed, on_progress=on_progress)[0]
+    return prune(plan.original, plan.prune, selection.chosen)[0]
 
 
-def _reconstructed(plan: CompressPlan, pruned: ModelAdapter, keep: dict[str, int], dataset: SyntheticDataset,
+def _reconstructed(plan: CompressPlan, pruned: ModelAdapter, selection: Selection, dataset: SyntheticDataset,
                    on_progress: ProgressCallback) -> ModelAdapter:
     images = dataset.load()[0][: plan.reconstruct.images]
     log.info("Reconstructing the pruned %s in closed form on %d synthetic image(s).", plan.prune.scope, len(images))
     student = pruned.with_model(copy.deepcopy(pruned.model))
-    refit_pruned(student, plan.original, plan.prune, keep, images, plan.reconstruct, device=plan.device,
-                 selection=scoring_images(plan.prune.criterion, dataset.probe), on_progress=on_progress)
+    refit_pruned(student, plan.original, plan.prune.scope, selection.chosen, images, plan.reconstruct, device=plan.device, on_progress=on_progress)
     return student
 
 
@@ -305,7 +322,8 @@ def _distilled(plan: CompressPlan, keep: dict[str, int], start: ModelAdapter, da
         if rounds == 1:
             student = start.with_model(copy.deepcopy(start.model))
         else:
-            student = prune(student, plan.prune, round_keep(sizes, keep, k, rounds), scoring_images(plan.prune.criterion, dataset.probe))[0]
+            chosen = choose(student, plan.prune, round_keep(sizes, keep, k, rounds), scoring_images(plan.prune.criterion, dataset.probe))
+            student = prune(student, plan.prune, chosen)[0]
         log.info("Fine-tuning%s %d epoch(s) over %d image(s) at %d px on %s (%s).", f" round {k}/{rounds}:" if rounds > 1 else "",
                  settings.epochs, len(images), dataset.imgsz, plan.device, settings.precision)
         records = finetune(student, original, images, settings=settings, scope=plan.prune.scope, device=plan.device, seed=plan.seed + k - 1,
@@ -333,14 +351,14 @@ def _run_stages(plan: CompressPlan, on_progress: ProgressCallback) -> CompressRe
     if world.main:
         run.start(plan.request)
     dataset = plan.synthetic or _synthesize(plan, run.synthetic, plan.num_images, plan.seed, on_progress)
-    keep = _keep(plan, dataset, on_progress)
-    main_first(lambda: run.pruned.exists() or _pruned(plan, original, keep, dataset, on_progress).save(run.pruned))
+    selection = _selection(plan, dataset, on_progress)
+    main_first(lambda: run.pruned.exists() or _pruned(plan, selection, dataset, on_progress).save(run.pruned))
     pruned = original.reload(run.pruned)
     start = pruned
     if plan.reconstruct is not None:
-        main_first(lambda: run.reconstructed.exists() or _reconstructed(plan, pruned, keep, dataset, on_progress).save(run.reconstructed))
+        main_first(lambda: run.reconstructed.exists() or _reconstructed(plan, pruned, selection, dataset, on_progress).save(run.reconstructed))
         start = original.reload(run.reconstructed)
-    compressed, history = _distilled(plan, keep, start, dataset, on_progress)
+    compressed, history = _distilled(plan, selection.keep, start, dataset, on_progress)
     count = min(HOLDOUT_IMAGES, max(2, plan.num_images // 4))
     holdout = _synthesize(plan, run.holdout, count, plan.seed + HOLDOUT_SEED_OFFSET, on_progress).load()[0].float() / 255
     if not world.main:  # under torchrun, rank 0 alone exports, evaluates and reports

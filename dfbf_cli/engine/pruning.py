@@ -22,7 +22,7 @@ from dfbf_cli.contract import ChannelGroup, ModelAdapter
 from dfbf_cli.engine.features import feature_gap
 from dfbf_cli.engine.progress import ProgressCallback, ProgressEvent, ignore
 from dfbf_cli.errors import DfbfError
-from dfbf_cli.settings import MAX_GROUP_RATIO, Allocation, Criterion, PruneSettings
+from dfbf_cli.settings import MAX_GROUP_RATIO, Allocation, Criterion, PruneSettings, Scope
 
 SENSITIVITY_RATIO = 0.5  # each group is measured pruned alone at this ratio
 WEIGHT_RANGE = (0.25, 4.0)  # a group is pruned between a quarter and four times the common ratio
@@ -348,24 +348,30 @@ def cut(adapter: ModelAdapter, groups: list[ChannelGroup], chosen: dict[str, tor
     return pruned
 
 
-def kept_outputs(adapter: ModelAdapter, settings: PruneSettings, keep: dict[str, int], images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """The output channels of ``adapter``'s layers that one-shot pruning to ``keep`` leaves (indices into the
-    original's; layers absent keep all): what reconstruction fits each pruned layer to. ``images``: as :func:`prune`'s."""
-    groups = adapter.channel_groups(settings.scope)
-    indices = cut_indices(adapter.model, groups, select_channels(channel_scores(adapter, groups, settings.criterion, images), keep))
-    return {name: index for (name, side), index in indices.items() if side == "out"}
-
-
-def prune(adapter: ModelAdapter, settings: PruneSettings, keep: dict[str, int] | None = None,
-          images: torch.Tensor | None = None) -> tuple[ModelAdapter, list[GroupOutcome]]:
-    """A pruned copy of the model (the original is untouched) and what happened to each group. ``keep``
-    (channels per group) comes from :func:`plan_keep`; without it, ``settings.ratio`` decides. ``images``
-    (floats in [0, 1]): what ``--criterion energy`` scores channels on."""
+def choose(adapter: ModelAdapter, settings: PruneSettings, keep: dict[str, int] | None = None,
+           images: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Which channels each group of ``settings.scope`` keeps (sorted indices): its ``keep`` most important by
+    ``settings.criterion`` (``images``, floats in [0, 1]: what ``energy`` scores on). ``keep`` comes from
+    :func:`plan_keep`; without it, ``settings.ratio`` decides. Chosen once, then cut (:func:`prune`) and refit to."""
     groups = adapter.channel_groups(settings.scope)
     if keep is None:
         if settings.ratio is None:
             raise ValueError("a GFLOPs target needs plan_keep() to share it among the groups")
         keep = {g.name: settings.keep_count(g.size) for g in groups}
+    return select_channels(channel_scores(adapter, groups, settings.criterion, images), keep)
+
+
+def kept_outputs(adapter: ModelAdapter, scope: Scope, chosen: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The output channels of ``adapter``'s layers that cutting its groups to ``chosen`` leaves (indices into the
+    original's; layers absent keep all): what reconstruction fits each pruned layer to."""
+    indices = cut_indices(adapter.model, adapter.channel_groups(scope), chosen)
+    return {name: index for (name, side), index in indices.items() if side == "out"}
+
+
+def prune(adapter: ModelAdapter, settings: PruneSettings, chosen: dict[str, torch.Tensor] | None = None) -> tuple[ModelAdapter, list[GroupOutcome]]:
+    """A pruned copy of the model (the original is untouched) and what happened to each group: cut to ``chosen``
+    (from :func:`choose`; without it, by ``settings.ratio`` and a weight criterion)."""
+    groups = adapter.channel_groups(settings.scope)
+    chosen = choose(adapter, settings) if chosen is None else chosen
     check_head_untouched(groups, adapter.split(settings.scope).head_modules)
-    pruned = cut(adapter, groups, select_channels(channel_scores(adapter, groups, settings.criterion, images), keep))
-    return pruned, [GroupOutcome(g.name, g.stage, g.size, keep[g.name]) for g in groups]
+    return cut(adapter, groups, chosen), [GroupOutcome(g.name, g.stage, g.size, len(chosen[g.name])) for g in groups]

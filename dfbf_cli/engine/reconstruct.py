@@ -21,7 +21,7 @@ from torch import nn
 
 from dfbf_cli.contract import ModelAdapter
 from dfbf_cli.engine.progress import ProgressCallback, ProgressEvent, ignore
-from dfbf_cli.settings import PruneSettings, ReconstructSettings, Scope
+from dfbf_cli.settings import ReconstructSettings, Scope
 
 FITTED = (nn.Conv2d, nn.Linear)
 
@@ -140,14 +140,12 @@ def reconstruct(
     return fits
 
 
-def refit_pruned(student: ModelAdapter, original: ModelAdapter, prune: PruneSettings, keep: dict[str, int], images: torch.Tensor,
-                 settings: ReconstructSettings, *, device: torch.device, selection: torch.Tensor | None = None,
-                 on_progress: ProgressCallback = ignore) -> list[LayerFit]:
-    """:func:`reconstruct` a model that one-shot pruning cut from ``original`` to ``keep`` channels per group
-    (``selection``: the images pruning scored channels on, if its criterion needed any)."""
+def refit_pruned(student: ModelAdapter, original: ModelAdapter, scope: Scope, chosen: dict[str, torch.Tensor], images: torch.Tensor,
+                 settings: ReconstructSettings, *, device: torch.device, on_progress: ProgressCallback = ignore) -> list[LayerFit]:
+    """:func:`reconstruct` a model that pruning cut from ``original`` to the ``chosen`` channels (:func:`~dfbf_cli.engine.pruning.choose`)."""
     from dfbf_cli.engine.pruning import kept_outputs
 
-    return reconstruct(student, original, images, kept=kept_outputs(original, prune, keep, selection), scope=prune.scope, damping=settings.damping,
+    return reconstruct(student, original, images, kept=kept_outputs(original, scope, chosen), scope=scope, damping=settings.damping,
                        device=device, on_progress=on_progress)
 
 
