@@ -1,8 +1,8 @@
 """Distillation fed by a meta-learned generator (Fast-Datafree style) instead of one fixed synthetic set:
 docs/finetune.md, "A generator instead of a fixed set".
 
-    .venv/bin/python benchmarks/generator_stream.py SYNTHETIC_DIR --source fixed --steps 960
-    .venv/bin/python benchmarks/generator_stream.py SYNTHETIC_DIR --source generator --rounds 60 --warmup 10 --g-steps 5
+    .venv/bin/python benchmarks/generator_stream.py SYNTHETIC_DIR --source fixed [--images 384 [--first 384]] [--seed 1]
+    .venv/bin/python benchmarks/generator_stream.py SYNTHETIC_DIR --source generator --rounds 40 --warmup 15 --kd-steps 24
 
 CIFAR ResNet-56 at ratio 0.5: pruned with the energy criterion and refit on the set's first 128 images
 (``dfbf prune --reconstruct``), then distilled with compress's recipe (feature distance at the backbone's
@@ -175,7 +175,8 @@ def main() -> None:
     parser.add_argument("synthetic", type=Path, help="the CIFAR synthetic set: its first 128 images select and refit; --source fixed trains on all")
     parser.add_argument("--source", choices=("fixed", "generator"), default="generator")
     parser.add_argument("--steps", type=int, default=960, help="distillation steps (--source fixed)")
-    parser.add_argument("--images", type=int, default=0, help="train on the set's first N images only (--source fixed; 0: all)")
+    parser.add_argument("--images", type=int, default=0, help="train on N of the set's images only (--source fixed; 0: all)")
+    parser.add_argument("--first", type=int, default=0, help="with --images, the index of the first (another N are another draw)")
     parser.add_argument("--rounds", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=10, help="rounds that only train the generator")
     parser.add_argument("--g-steps", type=int, default=5)
@@ -211,7 +212,7 @@ def main() -> None:
     generator = torch.Generator().manual_seed(args.seed)
     started = time.perf_counter()
     if args.source == "fixed":
-        fixed = fixed[: args.images or len(fixed)]
+        fixed = fixed[args.first : args.first + args.images] if args.images else fixed
         loss = distil_steps(student, original, fixed, optimizer, range(args.steps), args.steps, generator)
         result |= {"distil_s": round(time.perf_counter() - started, 1), "images": len(fixed)}
     else:

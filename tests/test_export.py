@@ -129,6 +129,8 @@ def test_yolo_int8_openvino_export_is_a_stock_ultralytics_model(run_cli, tmp_pat
     assert (out / "model.xml").exists() and (out / "dfbf.json").exists()
     record = json.loads((out / "dfbf.json").read_text())
     assert record["precision"] == "int8" and record["calibration"]["images"] == 4
+    keypoint_branch = [name for name in record["int8"]["kept_fp"] if ".cv4." in name and "Convolution" in name]
+    assert len(keypoint_branch) == 3 and all(".cv4.2." in name for name in keypoint_branch)  # the coarsest stride's, of three, stays in FP
     scored = _json(run_cli("eval", out, "--data", data, "--json", "--latency-runs", "1", *QUIET))
     assert set(scored["models"][0]["metrics"]) == {"pose_map50_95", "pose_map50", "box_map50_95", "box_map50"}
     script = (

@@ -33,10 +33,11 @@ def export_yolo(adapter: YoloAdapter, folder: Path, fmt: ExportFormat, *, imgsz:
         written = Path(adapter._stock(folder).export(**arguments))
     if calibration is None or fmt == ExportFormat.ONNX:
         return Artefact(written)
-    return _quantize_openvino(written, folder / written.name.replace(OPENVINO_SUFFIX, f"_int8{OPENVINO_SUFFIX}"), calibration, imgsz, recipe)
+    return _quantize_openvino(written, folder / written.name.replace(OPENVINO_SUFFIX, f"_int8{OPENVINO_SUFFIX}"), calibration, imgsz, recipe,
+                              adapter.task)
 
 
-def _quantize_openvino(fp32: Path, target: Path, calibration: torch.Tensor, imgsz: int, recipe: Int8Recipe) -> Artefact:
+def _quantize_openvino(fp32: Path, target: Path, calibration: torch.Tensor, imgsz: int, recipe: Int8Recipe, task: str) -> Artefact:
     """The FP32 folder's model in INT8, written to ``target`` beside a copy of its metadata."""
     import openvino as ov
     import torchvision.transforms.functional as TF
@@ -45,7 +46,7 @@ def _quantize_openvino(fp32: Path, target: Path, calibration: torch.Tensor, imgs
 
     model = ov.Core().read_model(str(next(fp32.glob("*.xml"))))
     samples = [(TF.resize(image, [imgsz, imgsz], antialias=True).float() / 255).unsqueeze(0).numpy() for image in calibration]
-    quantized, kept = quantize_openvino(model, samples, recipe, keep_fp=decode_ops(model))
+    quantized, kept = quantize_openvino(model, samples, recipe, keep_fp=kept_in_fp(model, task))
     target.mkdir()
     ov.save_model(quantized, str(target / "model.xml"), compress_to_fp16=False)
     for extra in fp32.iterdir():
@@ -54,17 +55,40 @@ def _quantize_openvino(fp32: Path, target: Path, calibration: torch.Tensor, imgs
     return Artefact(target, tuple(kept))
 
 
+def _head(operations) -> str | None:
+    """The detection head's module name in the PyTorch frontend's "module/op" names ("" when names are not in that
+    form; None without a head: a classifier)."""
+    sigmoids = [op.get_friendly_name() for op in operations if op.get_type_name() == "Sigmoid"]
+    return sigmoids[-1].split("/", 1)[0] if sigmoids else None
+
+
 def decode_ops(model) -> list[str]:
     """The detection head's decode (box distribution, anchors, sigmoids): kept in FP, as Ultralytics' INT8 keeps it."""
     operations = model.get_ordered_ops()
-    sigmoids = [op.get_friendly_name() for op in operations if op.get_type_name() == "Sigmoid"]
-    if not sigmoids:  # a classifier: no decode
+    head = _head(operations)
+    if head is None:
         return []
-    head = sigmoids[-1].split("/", 1)[0]
-    if not head:  # names not in the PyTorch frontend's "module/op" form: keep only the sigmoids rather than everything
-        return sigmoids
+    if not head:  # keep only the sigmoids rather than everything
+        return [op.get_friendly_name() for op in operations if op.get_type_name() == "Sigmoid"]
     return [name for op in operations
             if op.get_type_name() == "Sigmoid" or (name := op.get_friendly_name()).startswith((f"{head}/", f"{head}.dfl"))]
+
+
+def kept_in_fp(model, task: str) -> list[str]:
+    """What every INT8 recipe keeps in FP: the decode and, for pose, the keypoint branch at the coarsest stride,
+    whose raw outputs the decode multiplies by the largest stride (measured: docs/export.md, "What stays in FP")."""
+    from dfbf_cli.int8 import WEIGHTED_OPS
+
+    operations = model.get_ordered_ops()
+    head = _head(operations)
+    if task != "pose" or not head:
+        return decode_ops(model)
+    branches: dict[int, list[str]] = {}  # the keypoint branch (Ultralytics' cv4) at each stride, finest first
+    for op in operations:
+        name = op.get_friendly_name()
+        if op.get_type_name() in WEIGHTED_OPS and name.startswith(f"{head}.cv4."):
+            branches.setdefault(int(name.removeprefix(f"{head}.cv4.").split(".", 1)[0]), []).append(name)
+    return decode_ops(model) + (branches[max(branches)] if branches else [])
 
 
 def _calibration_dataset(adapter: YoloAdapter, folder: Path, images: torch.Tensor) -> Path:
