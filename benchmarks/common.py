@@ -67,6 +67,21 @@ def pruned_with_ratios(original: ModelAdapter, ratio_of: Callable[[ChannelGroup]
     return cut(original, groups, select_channels(channel_scores(original, groups, Criterion.L1, None), keep))
 
 
+def yolo_val_openvino(model, fp32: Path, data: Path) -> dict[str, float]:
+    """An OpenVINO model (``ov.Model``) of the YOLO exported to ``fp32``, scored by stock Ultralytics on ``data`` (square
+    640-px inputs, batch 1): its mAP50-95 figures ×100."""
+    import openvino as ov
+    from ultralytics import YOLO
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(tmp) / "model_openvino_model"
+        folder.mkdir()
+        ov.save_model(model, folder / "model.xml", compress_to_fp16=False)
+        shutil.copy(fp32 / "metadata.yaml", folder / "metadata.yaml")
+        metrics = YOLO(str(folder)).val(data=str(data), imgsz=640, batch=1, rect=False, plots=False, verbose=False, workers=0).results_dict
+    return {k: round(v * 100, 2) for k, v in metrics.items() if "mAP50-95" in k}
+
+
 PARETO_RESULTS = Path("/tmp/dfbf-pareto/results.jsonl")  # benchmarks/pareto.py's, which levers.py and int8.py add to
 
 

@@ -15,13 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from common import machine
+from common import machine, yolo_val_openvino
 
 from dfbf_cli.adapters.yolo_export import decode_ops
 from dfbf_cli.engine.export import held_out_split
@@ -32,7 +30,6 @@ def main() -> None:
     import nncf
     import openvino as ov
     import torch
-    from ultralytics import YOLO
 
     parser = argparse.ArgumentParser()
     parser.add_argument("fp32", type=Path)
@@ -66,14 +63,8 @@ def main() -> None:
                                                             max_drop=0.0, drop_type=nncf.DropType.ABSOLUTE, advanced_accuracy_restorer_parameters=restorer,
                                                             **common)
         seconds = time.perf_counter() - started
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp) / "model_openvino_model"
-            folder.mkdir()
-            ov.save_model(quantized, folder / "model.xml", compress_to_fp16=False)
-            shutil.copy(args.fp32 / "metadata.yaml", folder / "metadata.yaml")
-            metrics = YOLO(str(folder)).val(data=str(args.data), imgsz=640, batch=1, rect=False, plots=False, verbose=False, workers=0).results_dict
         print(json.dumps({"recipe": label, "seconds": round(seconds), "agreement": round(agreement(core.compile_model(quantized, "CPU"), scored)[0], 5),
-                          **{k: round(v * 100, 2) for k, v in metrics.items() if "mAP50-95" in k}}), flush=True)
+                          **yolo_val_openvino(quantized, args.fp32, args.data)}), flush=True)
 
 
 if __name__ == "__main__":

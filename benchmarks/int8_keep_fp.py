@@ -19,13 +19,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
-from common import machine
+from common import machine, yolo_val_openvino
 
 from dfbf_cli.adapters.yolo_export import decode_ops
 from dfbf_cli.engine.export import held_out_split
@@ -54,7 +52,6 @@ def main() -> None:
     import openvino as ov
     import torch
     import torch.nn.functional as F
-    from ultralytics import YOLO
 
     parser = argparse.ArgumentParser()
     parser.add_argument("fp32", type=Path)
@@ -82,14 +79,8 @@ def main() -> None:
                                       fast_bias_correction="bias" not in parts, ignored_scope=ignored)
         seconds = time.perf_counter() - started
         compiled[variant] = core.compile_model(quantized, "CPU")
-        with tempfile.TemporaryDirectory() as tmp:
-            folder = Path(tmp) / "model_openvino_model"
-            folder.mkdir()
-            ov.save_model(quantized, folder / "model.xml", compress_to_fp16=False)
-            shutil.copy(args.fp32 / "metadata.yaml", folder / "metadata.yaml")
-            metrics = YOLO(str(folder)).val(data=str(args.data), imgsz=640, batch=1, rect=False, plots=False, verbose=False, workers=0).results_dict
         print(json.dumps({"variant": variant, "fp_convolutions": len(kept), "quantize_s": round(seconds),
-                          **{k: round(v * 100, 2) for k, v in metrics.items() if "mAP50-95" in k}}), flush=True)
+                          **yolo_val_openvino(quantized, args.fp32, args.data)}), flush=True)
     times: dict[str, list[float]] = {variant: [] for variant in compiled}
     for _ in range(3):  # blocks of 30 passes, variants in turn: drifts in the machine's speed hit every variant alike
         for variant, model_ in compiled.items():
