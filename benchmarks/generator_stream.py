@@ -5,8 +5,9 @@ docs/finetune.md, "A generator instead of a fixed set".
     .venv/bin/python benchmarks/generator_stream.py SYNTHETIC_DIR --source generator --rounds 40 --warmup 15 --kd-steps 24
 
 CIFAR ResNet-56 at ratio 0.5: pruned with the energy criterion and refit on the set's first 128 images
-(``dfbf prune --reconstruct``), then distilled with compress's recipe (feature distance at the backbone's
-taps, Adam 1e-3 cosine, batch 32, flips, shifts and CutMix, BatchNorm in train mode). ``fixed`` draws
+(``dfbf prune --reconstruct``; with ``--plain``, L1 pruning alone, as the default ``dfbf compress``), then
+distilled with compress's recipe (feature distance at the backbone's taps, Adam 1e-3 cosine, batch 32,
+flips, shifts and CutMix, BatchNorm in train mode). ``fixed`` draws
 batches from the synthetic set; ``generator`` from a pool that grows by one generated batch a round.
 Each round clones the meta generator and optimises the clone and fresh latent codes for ``--g-steps``
 steps (BatchNorm statistics, with ``--bn-momentum`` blended with earlier rounds', cross-entropy towards
@@ -189,6 +190,7 @@ def main() -> None:
     parser.add_argument("--adversarial", type=float, default=0.0)
     parser.add_argument("--bn-momentum", type=float, default=0.0, help="blend each batch's BatchNorm statistics with earlier rounds' (0: each batch alone)")
     parser.add_argument("--with-fixed", action="store_true", help="the pool starts with the whole synthetic set")
+    parser.add_argument("--plain", action="store_true", help="start from plain L1 pruning (the default compress), not energy + refit")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     torch.manual_seed(args.seed)
@@ -196,11 +198,12 @@ def main() -> None:
     labelled = load_data(str(asset("data/cifar10-test-dev.npz")))
     fixed = SyntheticDataset.open(args.synthetic).load()[0]
     selection = fixed[:REFIT_IMAGES].float().div(255)
-    settings = PruneSettings(0.5, criterion=Criterion.ENERGY)
+    settings = PruneSettings(0.5, criterion=Criterion.L1 if args.plain else Criterion.ENERGY)
     started = time.perf_counter()
-    chosen = choose(original, settings, images=selection)
+    chosen = choose(original, settings, images=None if args.plain else selection)
     student, _ = prune(original, settings, chosen)
-    refit_pruned(student, original, settings.scope, chosen, fixed[:REFIT_IMAGES], ReconstructSettings(), device=CPU)
+    if not args.plain:
+        refit_pruned(student, original, settings.scope, chosen, fixed[:REFIT_IMAGES], ReconstructSettings(), device=CPU)
 
     def score() -> float:
         return round(student.evaluate(labelled, imgsz=32, batch=500, device=CPU)["top1"], 2)

@@ -125,6 +125,22 @@ def test_compress_resumes_after_reconstruction_without_redoing_it(run_cli, tmp_p
     assert rounds.code == 2 and "leave it out with --rounds" in rounds.stderr
 
 
+def test_the_chosen_channels_are_saved_and_a_run_from_before_that_gets_them_on_resume(run_cli, tmp_path, random_r20, random_r20_synthetic):
+    """pruning.json holds which channels each group keeps (the cut and the refit read them); a run directory whose plan
+    holds only how many (made before) chooses them again when resumed: the same ones."""
+    run_dir = tmp_path / "run"
+    args = ["compress", *random_r20, "--ratio", "0.5", "--synthetic", random_r20_synthetic, "--out", run_dir, "--epochs", "1", "--reconstruct",
+            "--device", "cpu", "-q"]
+    assert run_cli(*args).code == 0
+    plan = json.loads((run_dir / "pruning.json").read_text())
+    assert set(plan) == {"keep", "chosen"} and all(len(plan["chosen"][name]) == count for name, count in plan["keep"].items())
+    (run_dir / "pruning.json").write_text(json.dumps({"keep": plan["keep"]}))
+    for name in ("pruned.safetensors", "reconstructed.safetensors", "compressed.safetensors", "finetune-history.json"):
+        (run_dir / name).unlink()
+    assert run_cli(*args).code == 0
+    assert json.loads((run_dir / "pruning.json").read_text()) == plan
+
+
 def test_energy_pruning_is_refit_to_the_channels_it_kept(run_cli, tmp_path, random_r20, random_r20_synthetic):
     """The reconstruction's targets are the channels pruning kept, which energy chose on images."""
     teacher, settings = load_model(random_r20[0], random_r20[2]), PruneSettings(0.5, criterion=Criterion.ENERGY)
