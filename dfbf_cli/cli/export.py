@@ -15,7 +15,8 @@ Int8Option = Annotated[bool, typer.Option("--int8", help="Quantise weights and a
                                           "else a small set made here at the export's size and kept beside it for the next export).")]
 RecipeOption = Annotated[Int8Recipe, typer.Option("--int8-recipe", help="OpenVINO INT8: auto tries mixed (NNCF's mixed preset, as Ultralytics), "
                                                   "outputs-fp (the output layers kept in FP) and bias-correction (full instead of fast), and "
-                                                  "keeps the one that agrees best with the FP32 model on held-out synthetic images.")]
+                                                  "keeps the one that agrees best with the FP32 model on held-out synthetic images. A pose "
+                                                  "model's keypoint branch at the coarsest stride stays in FP in each.")]
 
 
 def export_command(
