@@ -10,8 +10,8 @@ distilled with compress's recipe (feature distance at the backbone's taps, Adam 
 flips, shifts and CutMix, BatchNorm in train mode). ``fixed`` draws
 batches from the synthetic set; ``generator`` from a pool that grows by one generated batch a round.
 Each round clones the meta generator and optimises the clone and fresh latent codes for ``--g-steps``
-steps (BatchNorm statistics, with ``--bn-momentum`` blended with earlier rounds', cross-entropy towards
-balanced labels, and with ``--adversarial`` away from what the student already reproduces), accumulating the clone's gradients into the meta generator
+steps (BatchNorm statistics, cross-entropy towards balanced labels, and with ``--adversarial`` away from
+what the student already reproduces), accumulating the clone's gradients into the meta generator
 (first-order MAML): each round starts from a generator that has learnt to make such images quickly.
 After ``--warmup`` rounds, each round is followed by ``--kd-steps`` distillation steps on the pool.
 Top-1 on the 5,000-image dev file at the start and the end; prints one JSON line. Run alone on the machine.
@@ -65,31 +65,6 @@ class Generator(nn.Module):
         return self.body(self.project(z).view(len(z), -1, self.start, self.start))
 
 
-class BlendedBatchNormStats(BatchNormStatsLoss):
-    """dfbf's BatchNorm-statistics loss on the batch's statistics blended with the average of earlier rounds'
-    (weight ``momentum``): the stream as a whole, not each batch, must match (Fast-Datafree's bn_mmt)."""
-
-    def __init__(self, module: nn.Module, first_multiplier: float, momentum: float, history: dict):
-        super().__init__(module, first_multiplier)
-        self.momentum, self.history, self.last = momentum, history, {}
-
-    def _hook(self, layer: nn.BatchNorm2d, inputs: tuple[torch.Tensor, ...], _output) -> None:
-        x = inputs[0].float()
-        mean, var = x.mean(dim=(0, 2, 3)), x.var(dim=(0, 2, 3), unbiased=False)
-        self.last[layer] = (mean.detach(), var.detach())
-        if layer in self.history:
-            old_mean, old_var = self.history[layer]
-            mean, var = (1 - self.momentum) * mean + self.momentum * old_mean, (1 - self.momentum) * var + self.momentum * old_var
-        self.terms.append(torch.linalg.vector_norm(layer.running_mean - mean) + torch.linalg.vector_norm(layer.running_var - var))
-
-    def remember(self) -> None:
-        """Fold the last batch's statistics into the history (once a round)."""
-        for layer, (mean, var) in self.last.items():
-            old = self.history.get(layer)
-            self.history[layer] = (mean, var) if old is None else (self.momentum * old[0] + (1 - self.momentum) * mean,
-                                                                   self.momentum * old[1] + (1 - self.momentum) * var)
-
-
 class GeneratorStream:
     """Each :meth:`round` adds one batch of generated images (uint8) to the pool."""
 
@@ -100,7 +75,6 @@ class GeneratorStream:
         self.random = torch.Generator().manual_seed(args.seed + 7)
         self.pool: list[torch.Tensor] = []
         self.made = 0
-        self.bn_history: dict = {}
 
     def round(self, adversarial: float) -> dict:
         args = self.args
@@ -113,8 +87,7 @@ class GeneratorStream:
         taps = s_split.feature_taps
         weights = tap_weights(TapWeighting.LINEAR, len(taps))
         best, best_loss, stats = None, math.inf, {}
-        bn = BlendedBatchNormStats(t_split.backbone, FIRST_BN, args.bn_momentum, self.bn_history)
-        with (frozen(self.teacher.model), frozen(self.student.model), bn,
+        with (frozen(self.teacher.model), frozen(self.student.model), BatchNormStatsLoss(t_split.backbone, FIRST_BN) as bn,
               FeatureTaps(self.student.model, taps) as s_taps, FeatureTaps(self.teacher.model, taps) as t_taps):
             for _ in range(args.g_steps):
                 images = fast(z)
@@ -134,7 +107,6 @@ class GeneratorStream:
                 if loss.item() < best_loss:
                     best_loss, best = loss.item(), images.detach()
                 stats = {"bn": round(bn_loss.item(), 1), "ce": round(class_loss.item(), 3)}
-            bn.remember()
         self.meta_optimizer.step()
         self.pool.append(best.clamp(0, 1).mul(255).round().to(torch.uint8))
         self.made += len(best)
@@ -188,7 +160,6 @@ def main() -> None:
     parser.add_argument("--latent", type=int, default=256)
     parser.add_argument("--width", type=int, default=64)
     parser.add_argument("--adversarial", type=float, default=0.0)
-    parser.add_argument("--bn-momentum", type=float, default=0.0, help="blend each batch's BatchNorm statistics with earlier rounds' (0: each batch alone)")
     parser.add_argument("--with-fixed", action="store_true", help="the pool starts with the whole synthetic set")
     parser.add_argument("--plain", action="store_true", help="start from plain L1 pruning (the default compress), not energy + refit")
     parser.add_argument("--seed", type=int, default=0)

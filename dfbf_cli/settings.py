@@ -288,7 +288,7 @@ CALIBRATION_SYNTHESIS = SynthesisSettings(low_res_iterations=60, iterations=15) 
 
 PRESETS = {
     PresetName.QUICK: Preset(256, 16, 256, SynthesisSettings(low_res_iterations=50, iterations=50), 40, 40),
-    PresetName.BALANCED: Preset(384, 128, 320, SynthesisSettings(low_res_iterations=100, iterations=100), 960, 3200),
+    PresetName.BALANCED: Preset(1024, 128, 320, SynthesisSettings(low_res_iterations=100, iterations=100), 960, 3200),
     PresetName.PAPER: Preset(4096, 512, None, SynthesisSettings(low_res_iterations=2000, iterations=1000), 12800, 12800),
 }
 DEFAULT_PRESET = PresetName.BALANCED

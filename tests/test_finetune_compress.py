@@ -206,8 +206,8 @@ def test_presets_budget_fine_tuning_in_optimiser_steps():
 
     balanced = PRESETS["balanced"]
     cifar_images, yolo_images = balanced.num_images(32), balanced.num_images(balanced.imgsz(640))
-    assert (cifar_images, yolo_images) == (384, 128)
-    assert balanced.epochs(cifar_images, 32, 32) == 80  # 960 steps of 32 images
+    assert (cifar_images, yolo_images) == (1024, 128)
+    assert balanced.epochs(cifar_images, 32, 32) == 30  # 960 steps of 32 images
     assert balanced.epochs(yolo_images, 32, 320) == 800  # 3,200 steps
     assert balanced.epochs(100, 32, 32) == 320  # 3 full batches an epoch: the ragged one is dropped
     assert balanced.epochs(10, 32, 32) == 960  # fewer images than a batch: one batch of all of them

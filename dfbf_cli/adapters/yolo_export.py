@@ -79,16 +79,16 @@ def kept_in_fp(model, task: str) -> list[str]:
     whose raw outputs the decode multiplies by the largest stride (measured: docs/export.md, "What stays in FP")."""
     from dfbf_cli.int8 import WEIGHTED_OPS
 
-    operations = model.get_ordered_ops()
+    operations, decode = model.get_ordered_ops(), decode_ops(model)
     head = _head(operations)
     if task != "pose" or not head:
-        return decode_ops(model)
+        return decode
     branches: dict[int, list[str]] = {}  # the keypoint branch (Ultralytics' cv4) at each stride, finest first
     for op in operations:
         name = op.get_friendly_name()
         if op.get_type_name() in WEIGHTED_OPS and name.startswith(f"{head}.cv4."):
             branches.setdefault(int(name.removeprefix(f"{head}.cv4.").split(".", 1)[0]), []).append(name)
-    return decode_ops(model) + (branches[max(branches)] if branches else [])
+    return decode + (branches[max(branches)] if branches else [])
 
 
 def _calibration_dataset(adapter: YoloAdapter, folder: Path, images: torch.Tensor) -> Path:
