@@ -1,16 +1,22 @@
 """Distillation from the pruned or the reconstructed model, on the fixed synthetic set or a renewed stream:
-the tables of docs/reconstruct.md ("distillation after reconstruction") and docs/finetune.md ("a renewed stream").
+the tables of docs/reconstruct.md ("distillation after reconstruction", "allocation") and docs/finetune.md ("a renewed
+stream", "further augmentations").
 
     .venv/bin/python benchmarks/distill_start.py cifar SYNTHETIC_DIR --steps 960                    # from the pruned model
     .venv/bin/python benchmarks/distill_start.py cifar SYNTHETIC_DIR --steps 960 --reconstruct 128  # from the reconstructed one
     .venv/bin/python benchmarks/distill_start.py cifar SYNTHETIC_DIR --steps 960 --reconstruct 128 --renew 64 --adversarial 1
     .venv/bin/python benchmarks/distill_start.py cifar SYNTHETIC_DIR --steps 256 --procedural half  # fresh procedural images in every batch
+    .venv/bin/python benchmarks/distill_start.py cifar SYNTHETIC_DIR --steps 256 --augment zoom      # a further augmentation
+    .venv/bin/python benchmarks/distill_start.py cifar SYNTHETIC_DIR --steps 960 --reconstruct 128 --criterion energy \
+        --flops 0.5 --allocation uniform|sensitivity|refit                                          # a GFLOPs target, allocated
 
 cifar: ResNet-56 at ratio 0.5, top-1 on the 5,000-image dev file; yolo: yolo11n-pose at ratio 0.3,
 pose / box mAP50-95 on coco-mini-pose. Fine-tuning is compress's recipe (batch 32, ``--precision auto``).
 ``--procedural`` feeds fresh procedural images (dead leaves: discs and squares of random colours and
 power-law sizes over coloured 1/f noise, free to make) into every batch after the usual augmentation:
-``all`` of it, the second ``half`` of it, or one box of each image (``paste``).
+``all`` of it, the second ``half`` of it, or one box of each image (``paste``). ``--augment`` adds one more
+augmentation after the batch's CutMix (``perimage`` replaces it). ``--allocation refit`` is ``sensitivity`` with each
+group's cost measured after its refit (on 32 images). ``--steps 0`` stops after pruning (and the refit).
 Prints one JSON line: the metric at the start and the end, and the times. Run alone on the machine.
 """
 
@@ -29,12 +35,15 @@ from common import asset, machine, private_copy
 
 from dfbf_cli.adapters import load_data, load_model
 from dfbf_cli.engine import finetune as distillation
+from dfbf_cli.engine import pruning
+from dfbf_cli.engine.efficiency import model_gflops
+from dfbf_cli.engine.features import feature_gap
 from dfbf_cli.engine.finetune import finetune
-from dfbf_cli.engine.pruning import choose, prune
+from dfbf_cli.engine.pruning import choose, plan_keep, prune
 from dfbf_cli.engine.reconstruct import refit_pruned
 from dfbf_cli.engine.runtime import resolve_precision
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
-from dfbf_cli.settings import FinetuneSettings, PruneSettings, ReconstructSettings
+from dfbf_cli.settings import Allocation, Criterion, FinetuneSettings, PruneSettings, ReconstructSettings
 
 CPU = torch.device("cpu")
 CASES = {
@@ -92,6 +101,69 @@ def mix_procedural(how: str, seed: int) -> Callable[[], None]:
     return undo
 
 
+def jitter(x: torch.Tensor, g: torch.Generator, strength: float = 0.4) -> torch.Tensor:
+    """Per-image brightness, contrast and saturation factors in [1 - strength, 1 + strength]."""
+    n = len(x)
+    b, c, s = ((1 + strength * (2 * torch.rand(n, 1, 1, 1, generator=g) - 1)) for _ in range(3))
+    grey = x.mean(1, keepdim=True)
+    x = grey + (x - grey) * s
+    x = x.mean((1, 2, 3), keepdim=True) + (x - x.mean((1, 2, 3), keepdim=True)) * c
+    return (x * b).clamp(0, 1)
+
+
+def per_image_cutmix(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+    """CutMix with a box of its own (share, place, partner) for every image."""
+    n, _, h, w = x.shape
+    partner = torch.randperm(n, generator=g)
+    share = torch.rand(n, generator=g) ** 0.5
+    bh, bw = (share * h).long(), (share * w).long()
+    y = (torch.rand(n, generator=g) * (h - bh + 1)).long()
+    z = (torch.rand(n, generator=g) * (w - bw + 1)).long()
+    yy, zz = torch.arange(h).view(1, h, 1), torch.arange(w).view(1, 1, w)
+    inside = ((yy >= y.view(-1, 1, 1)) & (yy < (y + bh).view(-1, 1, 1)) & (zz >= z.view(-1, 1, 1)) & (zz < (z + bw).view(-1, 1, 1)))
+    return torch.where(inside[:, None], x[partner], x)
+
+
+def rotate(x: torch.Tensor, g: torch.Generator, degrees: float = 15.0, scale: tuple[float, float] = (1.0, 1.0)) -> torch.Tensor:
+    """Per-image rotation (and zoom) with reflection at the borders."""
+    n = len(x)
+    angle = (2 * torch.rand(n, generator=g) - 1) * degrees * torch.pi / 180
+    zoom = scale[0] + torch.rand(n, generator=g) * (scale[1] - scale[0])
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    theta = torch.stack([torch.stack([cos, -sin, torch.zeros(n)], 1), torch.stack([sin, cos, torch.zeros(n)], 1)], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+
+
+AUGMENTS: dict[str, Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = {
+    "jitter": lambda x, g: jitter(distillation_cutmix(x, g), g),
+    "perimage": lambda x, g: per_image_cutmix(x, g),
+    "noise": lambda x, g: (distillation_cutmix(x, g) + 0.03 * torch.randn(x.shape, generator=g)).clamp(0, 1),
+    "rotate": lambda x, g: rotate(distillation_cutmix(x, g), g),
+    "zoom": lambda x, g: rotate(distillation_cutmix(x, g), g, degrees=0.0, scale=(0.75, 1.25)),
+    "perimage-jitter": lambda x, g: jitter(per_image_cutmix(x, g), g),
+}
+distillation_cutmix = distillation.cutmix
+
+
+def refit_costs(refit_images: torch.Tensor) -> Callable:
+    """``group_costs`` measured after the refit: each group alone at half its channels, refit on ``refit_images``,
+    its feature distance to the original per GFLOP saved (``--allocation refit``)."""
+    def costs(adapter, groups, probe, flops, settings, *, device, images=None, on_progress=None) -> dict[str, float]:
+        scores, found = pruning.channel_scores(adapter, groups, settings.criterion, images), {}
+        for group in groups:
+            keep = max(pruning._floor(group, settings), settings.keep_count(group.size, pruning.SENSITIVITY_RATIO))
+            saved = flops.gflops({}) - flops.gflops({group.name: keep})
+            if keep < group.size and saved > 0:
+                chosen = pruning.select_channels(scores, {group.name: keep})
+                alone = pruning.cut(adapter, groups, chosen)
+                refit_pruned(alone, adapter, settings.scope, chosen, refit_images, ReconstructSettings(), device=device)
+                found[group.name] = feature_gap(alone, adapter, probe, scope=settings.scope, device=device) / saved
+        return found
+
+    return costs
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("case", choices=sorted(CASES))
@@ -102,15 +174,27 @@ def main() -> None:
     parser.add_argument("--renew-steps", type=int, default=20)
     parser.add_argument("--adversarial", type=float, default=0.0)
     parser.add_argument("--procedural", choices=("all", "half", "paste"), default=None)
+    parser.add_argument("--augment", choices=sorted(AUGMENTS), default=None, help="a further augmentation in place of the batch's CutMix")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--flops", type=float, default=None, help="a GFLOPs target instead of the case's ratio")
+    parser.add_argument("--allocation", choices=[a.value for a in Allocation] + ["refit"], default="uniform",
+                        help="refit: sensitivity measured after each group's refit (on 32 images)")
+    parser.add_argument("--criterion", choices=[c.value for c in Criterion], default="l1")
+    parser.add_argument("--min-channels", type=int, default=8)
     args = parser.parse_args()
     if args.procedural and args.renew:
         parser.error("--procedural applies to the fixed set; the renewed stream would start from procedural images too")
     load, ratio, data, imgsz, metrics = CASES[args.case]
     original, labelled = load(), data()
     images = SyntheticDataset.open(args.synthetic).load()[0]
-    settings = PruneSettings(ratio)
-    chosen = choose(original, settings)
+    if args.allocation == "refit":
+        pruning.group_costs = refit_costs(images[:32].float() / 255)
+    allocation = Allocation.SENSITIVITY if args.allocation == "refit" else Allocation(args.allocation)
+    settings = PruneSettings(None if args.flops else ratio, args.flops, allocation=allocation,
+                             criterion=Criterion(args.criterion), min_channels=args.min_channels)
+    scoring = images[:128].float() / 255
+    keep = plan_keep(original, settings, imgsz=imgsz, probe=scoring[:8], device=CPU, images=scoring)
+    chosen = choose(original, settings, keep, scoring)
     student, _ = prune(original, settings, chosen)
 
     def score() -> dict[str, float]:
@@ -121,10 +205,17 @@ def main() -> None:
     started = time.perf_counter()
     if args.reconstruct:
         refit_pruned(student, original, settings.scope, chosen, images[: args.reconstruct], ReconstructSettings(), device=CPU)
-    result |= {"reconstruct_s": round(time.perf_counter() - started, 1), "start": score()}
+    result |= {"reconstruct_s": round(time.perf_counter() - started, 1), "gflops_kept": round(model_gflops(student, imgsz) / model_gflops(original, imgsz), 4),
+               "keep": keep, "start": score()}
+    if not args.steps:
+        print(json.dumps(result), flush=True)
+        return
     tuning = FinetuneSettings(epochs=max(1, args.steps // (len(images) // BATCH)), batch=BATCH, precision=resolve_precision("auto", CPU),
                               renew=args.renew, renew_steps=args.renew_steps, adversarial=args.adversarial)
     undo = mix_procedural(args.procedural, args.seed) if args.procedural else lambda: None
+    if args.augment:
+        distillation.cutmix = AUGMENTS[args.augment]
+        undo = lambda: setattr(distillation, "cutmix", distillation_cutmix)  # noqa: E731
     started = time.perf_counter()
     try:
         with tempfile.TemporaryDirectory() as tmp:

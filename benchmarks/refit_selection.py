@@ -32,7 +32,7 @@ from dfbf_cli.adapters import load_data, load_model
 from dfbf_cli.contract import ModelAdapter
 from dfbf_cli.engine import progressive
 from dfbf_cli.engine.compress import round_keep
-from dfbf_cli.engine.pruning import choose, cut_indices, kept_outputs, plan_keep, prune
+from dfbf_cli.engine.pruning import choose, kept_output_indices, kept_outputs, plan_keep, prune
 from dfbf_cli.engine.reconstruct import reconstruct
 from dfbf_cli.engine.synthetic_dataset import SyntheticDataset
 from dfbf_cli.settings import Criterion, ProgressiveSettings, PruneSettings
@@ -45,10 +45,6 @@ CASES = {
     "yolo": (lambda: load_model(str(asset("models/yolo11n-pose.pt"))), 0.3, lambda: load_data(private_copy("coco-mini-pose")), 640, 16),
     "person": (lambda: load_model(str(asset("models/yolo11n-person.pt"))), 0.3, lambda: load_data(private_copy("coco-mini-person")), 640, 16),
 }
-
-
-def output_indices(model: nn.Module, groups, chosen: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    return {name: index for (name, side), index in cut_indices(model, groups, chosen).items() if side == "out"}
 
 
 def students_for(row: str, original: ModelAdapter, settings: PruneSettings, keep: dict[str, int],
@@ -68,7 +64,7 @@ def students_for(row: str, original: ModelAdapter, settings: PruneSettings, keep
         cutter = progressive.apply_pruning
 
         def recording(model: nn.Module, groups, kept: dict[str, torch.Tensor]) -> None:  # which of the original's channels survive
-            cuts.update(output_indices(model, groups, kept))
+            cuts.update(kept_output_indices(model, groups, kept))
             cutter(model, groups, kept)
 
         progressive.apply_pruning = recording

@@ -44,7 +44,8 @@ FlopsOption = Annotated[float | None, typer.Option("--flops", help="Instead of -
 ScopeOption = Annotated[Scope, typer.Option("--scope", help="What may be pruned: backbone (DFBF's rule) or trunk (every layer before the task "
     "module; the neck too, for YOLO). The task module always stays bit-identical.")]
 AllocationOption = Annotated[Allocation, typer.Option("--allocation", help="How a --flops target is shared: uniform (one ratio, solved) or "
-    "sensitivity (groups measured one by one on --synthetic images; the cheapest go first).")]
+    "sensitivity (groups measured one by one on --synthetic images; the cheapest go first; measured worse than uniform after "
+    "fine-tuning on YOLO and CIFAR models, docs/pruning.md).")]
 CriterionOption = Annotated[Criterion | None, typer.Option("--criterion", help="Channel importance: l1 (filter L1 norm), bn (BatchNorm |gamma|) "
     "or energy (the signal each channel sends the next layers, measured on synthetic images: before a refit it keeps more, docs/reconstruct.md) "
     "\\[default: energy with --reconstruct, l1 otherwise].", show_default=False)]

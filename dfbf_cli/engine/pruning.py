@@ -364,8 +364,12 @@ def choose(adapter: ModelAdapter, settings: PruneSettings, keep: dict[str, int] 
 def kept_outputs(adapter: ModelAdapter, scope: Scope, chosen: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """The output channels of ``adapter``'s layers that cutting its groups to ``chosen`` leaves (indices into the
     original's; layers absent keep all): what reconstruction fits each pruned layer to."""
-    indices = cut_indices(adapter.model, adapter.channel_groups(scope), chosen)
-    return {name: index for (name, side), index in indices.items() if side == "out"}
+    return kept_output_indices(adapter.model, adapter.channel_groups(scope), chosen)
+
+
+def kept_output_indices(model: nn.Module, groups: list[ChannelGroup], chosen: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """:func:`kept_outputs` for a bare model and its groups (what progressive pruning's cutter sees)."""
+    return {name: index for (name, side), index in cut_indices(model, groups, chosen).items() if side == "out"}
 
 
 def prune(adapter: ModelAdapter, settings: PruneSettings, chosen: dict[str, torch.Tensor] | None = None) -> tuple[ModelAdapter, list[GroupOutcome]]:
