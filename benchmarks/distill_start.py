@@ -141,7 +141,6 @@ AUGMENTS: dict[str, Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = {
     "noise": lambda x, g: (distillation_cutmix(x, g) + 0.03 * torch.randn(x.shape, generator=g)).clamp(0, 1),
     "rotate": lambda x, g: rotate(distillation_cutmix(x, g), g),
     "zoom": lambda x, g: rotate(distillation_cutmix(x, g), g, degrees=0.0, scale=(0.75, 1.25)),
-    "perimage-jitter": lambda x, g: jitter(per_image_cutmix(x, g), g),
 }
 distillation_cutmix = distillation.cutmix
 
