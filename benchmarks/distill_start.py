@@ -37,7 +37,6 @@ from dfbf_cli.adapters import load_data, load_model
 from dfbf_cli.engine import finetune as distillation
 from dfbf_cli.engine import pruning
 from dfbf_cli.engine.efficiency import model_gflops
-from dfbf_cli.engine.features import feature_gap
 from dfbf_cli.engine.finetune import finetune
 from dfbf_cli.engine.pruning import choose, plan_keep, prune
 from dfbf_cli.engine.reconstruct import refit_pruned
@@ -53,6 +52,7 @@ CASES = {
              ("pose_map50_95", "box_map50_95")),
 }
 BATCH = 32
+distillation_cutmix = distillation.cutmix  # what --procedural and --augment replace for the run
 
 
 def dead_leaves(n: int, height: int, width: int, generator: torch.Generator, shapes: int = 60) -> torch.Tensor:
@@ -74,12 +74,12 @@ def dead_leaves(n: int, height: int, width: int, generator: torch.Generator, sha
     return (images + 0.08 * noise).clamp(0, 1)
 
 
-def mix_procedural(how: str, seed: int) -> Callable[[], None]:
-    """Make fine-tuning's batch mixing also feed procedural images (``how``: all, half or paste); returns the undo."""
-    generator, cutmix = torch.Generator().manual_seed(seed + 1234), distillation.cutmix
+def mix_procedural(how: str, seed: int) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
+    """Fine-tuning's batch mixing that also feeds procedural images (``how``: all, half or paste)."""
+    generator = torch.Generator().manual_seed(seed + 1234)
 
     def mixed(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
-        x = cutmix(x, g)
+        x = distillation_cutmix(x, g)
         n, _, h, w = x.shape
         fresh = dead_leaves(n, h, w, generator)
         if how == "all":
@@ -93,12 +93,7 @@ def mix_procedural(how: str, seed: int) -> Callable[[], None]:
         x[:, :, y : y + bh, z : z + bw] = fresh[:, :, y : y + bh, z : z + bw]
         return x
 
-    distillation.cutmix = mixed
-
-    def undo() -> None:
-        distillation.cutmix = cutmix
-
-    return undo
+    return mixed
 
 
 def jitter(x: torch.Tensor, g: torch.Generator, strength: float = 0.4) -> torch.Tensor:
@@ -142,25 +137,19 @@ AUGMENTS: dict[str, Callable[[torch.Tensor, torch.Generator], torch.Tensor]] = {
     "rotate": lambda x, g: rotate(distillation_cutmix(x, g), g),
     "zoom": lambda x, g: rotate(distillation_cutmix(x, g), g, degrees=0.0, scale=(0.75, 1.25)),
 }
-distillation_cutmix = distillation.cutmix
 
 
-def refit_costs(refit_images: torch.Tensor) -> Callable:
-    """``group_costs`` measured after the refit: each group alone at half its channels, refit on ``refit_images``,
-    its feature distance to the original per GFLOP saved (``--allocation refit``)."""
-    def costs(adapter, groups, probe, flops, settings, *, device, images=None, on_progress=None) -> dict[str, float]:
-        scores, found = pruning.channel_scores(adapter, groups, settings.criterion, images), {}
-        for group in groups:
-            keep = max(pruning._floor(group, settings), settings.keep_count(group.size, pruning.SENSITIVITY_RATIO))
-            saved = flops.gflops({}) - flops.gflops({group.name: keep})
-            if keep < group.size and saved > 0:
-                chosen = pruning.select_channels(scores, {group.name: keep})
-                alone = pruning.cut(adapter, groups, chosen)
-                refit_pruned(alone, adapter, settings.scope, chosen, refit_images, ReconstructSettings(), device=device)
-                found[group.name] = feature_gap(alone, adapter, probe, scope=settings.scope, device=device) / saved
-        return found
+def refit_each_cut(refit_images: torch.Tensor, scope) -> Callable:
+    """``pruning.cut`` followed by the refit on ``refit_images``: put in its place while ``plan_keep`` runs, the
+    sensitivity allocation measures each group's cost after its refit (``--allocation refit``)."""
+    plain = pruning.cut
 
-    return costs
+    def cut(adapter, groups, chosen):
+        alone = plain(adapter, groups, chosen)
+        refit_pruned(alone, adapter, scope, chosen, refit_images, ReconstructSettings(), device=CPU)
+        return alone
+
+    return cut
 
 
 def main() -> None:
@@ -181,18 +170,24 @@ def main() -> None:
     parser.add_argument("--criterion", choices=[c.value for c in Criterion], default="l1")
     parser.add_argument("--min-channels", type=int, default=8)
     args = parser.parse_args()
+    if args.procedural and args.augment:
+        parser.error("--procedural and --augment each replace the batch's CutMix: give one")
     if args.procedural and args.renew:
         parser.error("--procedural applies to the fixed set; the renewed stream would start from procedural images too")
     load, ratio, data, imgsz, metrics = CASES[args.case]
     original, labelled = load(), data()
     images = SyntheticDataset.open(args.synthetic).load()[0]
-    if args.allocation == "refit":
-        pruning.group_costs = refit_costs(images[:32].float() / 255)
     allocation = Allocation.SENSITIVITY if args.allocation == "refit" else Allocation(args.allocation)
     settings = PruneSettings(None if args.flops else ratio, args.flops, allocation=allocation,
                              criterion=Criterion(args.criterion), min_channels=args.min_channels)
     scoring = images[:128].float() / 255
-    keep = plan_keep(original, settings, imgsz=imgsz, probe=scoring[:8], device=CPU, images=scoring)
+    plain_cut = pruning.cut
+    if args.allocation == "refit":
+        pruning.cut = refit_each_cut(images[:32].float() / 255, settings.scope)
+    try:
+        keep = plan_keep(original, settings, imgsz=imgsz, probe=scoring[:8], device=CPU, images=scoring)
+    finally:
+        pruning.cut = plain_cut
     chosen = choose(original, settings, keep, scoring)
     student, _ = prune(original, settings, chosen)
 
@@ -211,17 +206,15 @@ def main() -> None:
         return
     tuning = FinetuneSettings(epochs=max(1, args.steps // (len(images) // BATCH)), batch=BATCH, precision=resolve_precision("auto", CPU),
                               renew=args.renew, renew_steps=args.renew_steps, adversarial=args.adversarial)
-    undo = mix_procedural(args.procedural, args.seed) if args.procedural else lambda: None
-    if args.augment:
-        distillation.cutmix = AUGMENTS[args.augment]
-        undo = lambda: setattr(distillation, "cutmix", distillation_cutmix)  # noqa: E731
+    distillation.cutmix = (mix_procedural(args.procedural, args.seed) if args.procedural
+                           else AUGMENTS[args.augment] if args.augment else distillation_cutmix)
     started = time.perf_counter()
     try:
         with tempfile.TemporaryDirectory() as tmp:
             history = finetune(student, original, images, settings=tuning, scope=settings.scope, device=CPU, seed=args.seed,
                                state_path=Path(tmp) / "state.pt")
     finally:
-        undo()
+        distillation.cutmix = distillation_cutmix
     result |= {"finetune_s": round(time.perf_counter() - started, 1), "final_loss": round(history[-1].loss, 4), "end": score()}
     print(json.dumps(result), flush=True)
 
